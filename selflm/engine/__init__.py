@@ -1,0 +1,1 @@
+"""The serving engine: holds the champion model, batches concurrent requests."""

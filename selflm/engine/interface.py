@@ -1,0 +1,84 @@
+"""The engine's interface and its plain data types (no torch here: routes import this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class EngineValidationError(ValueError):
+    """The request cannot be served as asked (TGI answers these with 422 `validation`)."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The request queue is full (429 `overloaded`)."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """No model is loaded yet (503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    truncate: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    model_version: int
+    prompt_tokens: int
+    tokens: list[TokenInfo] = field(default_factory=list)
+
+
+@dataclass
+class ModelInfo:
+    version: int
+    model_id: str
+    dtype: str
+    device: str
+    max_context: int
+    loaded_at: datetime
+    weights_bytes: int
+
+
+class Engine(Protocol):
+    """What the app needs from an engine; built in the app's lifespan."""
+
+    def count_prompt_tokens(self, prompt: str, params: SamplingParams) -> int: ...
+
+    async def generate(
+        self, prompt: str, params: SamplingParams, details: bool = False
+    ) -> GenerationResult: ...
+
+    def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> Any: ...
+
+    def swap(self, loaded: Any) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def info(self) -> ModelInfo | None: ...
+
+    def close(self) -> None: ...

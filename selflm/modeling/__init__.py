@@ -1,0 +1,1 @@
+"""Model resolution, device/dtype choice and the on-disk checkpoint store."""

@@ -1,0 +1,1 @@
+"""Self-update rounds: generate, select, update, evaluate, decide."""

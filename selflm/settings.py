@@ -1,0 +1,109 @@
+"""One settings object for the API, the worker and the CLI (environment prefix ``SELFLM_``).
+
+Nothing reads configuration at import time: callers build ``Settings()`` (or use
+``get_settings()``) when they start, so tests can set the environment first.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _cwd_path(value: str) -> str:
+    """Resolve a relative path against the working directory at settings time."""
+    return str((Path(os.getcwd()) / value).resolve()) if not os.path.isabs(value) else value
+
+
+def _resolve_sqlite_url(url: str) -> str:
+    # sqlite:///./x.db is relative to the process cwd; pin it now so the API and the
+    # worker it spawns agree even if one of them changes directory.
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and ":memory:" not in url:
+        return prefix + _cwd_path(url[len(prefix) :])
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SELFLM_", extra="ignore")
+
+    database_url: str = "sqlite:///./data/selflm.db"
+    # Empty means the server-less filesystem transport under <data dir>/broker.
+    broker_url: str = ""
+    redis_url: str | None = None
+    checkpoint_dir: str = "./data/checkpoints"
+    base_model: str = "bundled:smollm2-135m-instruct"
+    lineage: str = "default"
+    device: DeviceName = "auto"
+    dtype: DtypeName = "auto"
+    api_keys: str = ""
+
+    # Serving limits (TGI names where TGI has them).
+    max_new_tokens_limit: int = Field(default=1024, ge=1)
+    default_max_new_tokens: int = Field(default=100, ge=1)
+    max_stop_sequences: int = Field(default=4, ge=0)
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_ms: float = Field(default=5.0, ge=0)
+    max_queue: int = Field(default=256, ge=1)
+    record_prompts: bool = False
+
+    # Hot swap: how often a replica polls the champion pointer (seconds).
+    poll_interval_s: float = Field(default=3.0, gt=0)
+
+    # Start a Celery worker beside the API in `selflm serve` (embedded default).
+    embedded_worker: bool | None = None
+
+    # Worker time limits for one round (seconds).
+    round_soft_time_limit_s: int = 3600
+    round_time_limit_s: int = 3900
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _abs_checkpoint_dir(cls, v: str) -> str:
+        return _cwd_path(v)
+
+    @field_validator("database_url")
+    @classmethod
+    def _abs_database_url(cls, v: str) -> str:
+        return _resolve_sqlite_url(v)
+
+    @property
+    def data_dir(self) -> Path:
+        """Directory for embedded state: the parent of the checkpoint store."""
+        return Path(self.checkpoint_dir).parent
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.effective_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def is_embedded(self) -> bool:
+        """Embedded = no external broker: serve starts a worker beside the API."""
+        if self.embedded_worker is not None:
+            return self.embedded_worker
+        return self.uses_filesystem_broker
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

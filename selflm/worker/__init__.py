@@ -1,0 +1,1 @@
+"""Celery worker: runs self-update rounds on queue `gpu`."""
