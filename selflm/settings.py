@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # Worker time limits for one round (seconds).
     round_soft_time_limit_s: int = 3600
     round_time_limit_s: int = 3900
+    # A running round whose heartbeat is older than this is taken to have lost its worker.
+    round_stale_after_s: float = Field(default=300.0, gt=0)
 
     @field_validator("checkpoint_dir")
     @classmethod

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from selflm import __version__
 from selflm.app import errors
-from selflm.app.routes import generate, health
+from selflm.app.routes import generate, health, metrics, rounds
 from selflm.app.state import AppState
 from selflm.db.session import Database, upgrade
 from selflm.engine.interface import Engine
@@ -70,4 +70,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.include_router(generate.router)
     app.include_router(health.router)
+    app.include_router(rounds.router)
+    app.include_router(metrics.router)
     return app

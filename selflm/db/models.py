@@ -7,7 +7,7 @@ match them (``tests/db/test_migrations.py`` checks that they do).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -33,7 +33,7 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON}
 
 
 class Checkpoint(Base):
@@ -68,7 +68,16 @@ class Checkpoint(Base):
 
 class UpdateRound(Base):
     __tablename__ = "update_rounds"
-    __table_args__ = (Index("ix_update_rounds_lineage_status", "lineage", "status"),)
+    __table_args__ = (
+        Index("ix_update_rounds_lineage_status", "lineage", "status"),
+        Index(
+            "uq_update_rounds_one_active",
+            "lineage",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running')"),
+            sqlite_where=text("status IN ('queued', 'running')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     lineage: Mapped[str] = mapped_column(String(64), default="default")

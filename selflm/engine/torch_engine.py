@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selflm.engine.decode import Row, decode_batch, token_details
 from selflm.engine.interface import (
@@ -31,6 +30,7 @@ from selflm.engine.interface import (
     ModelInfo,
     SamplingParams,
 )
+from selflm.modeling.loader import load_checkpoint
 from selflm.modeling.device import dtype_name, pick_device, pick_dtype
 from selflm.modeling.store import verify_checkpoint, weights_bytes
 from selflm.settings import Settings
@@ -79,11 +79,8 @@ class TorchEngine:
         """Verify and load a checkpoint beside the serving one (does not swap)."""
         p = Path(path)
         verify_checkpoint(p, manifest)
-        tokenizer = AutoTokenizer.from_pretrained(p)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=self.dtype)
-        model.to(self.device).eval()
+        loaded = load_checkpoint(p, self.device, self.dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
         info = ModelInfo(
             version=version,
             model_id=str((manifest or {}).get("source", p.name)),

@@ -137,6 +137,15 @@ def hf_model(name_or_path: str) -> LoadedBase:
     return LoadedBase(model=model, tokenizer=tok, source=name_or_path)
 
 
+def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedBase:
+    """Load a checkpoint-store directory (verify it first: see store.verify_checkpoint)."""
+    tok = AutoTokenizer.from_pretrained(str(path))
+    _ensure_pad(tok)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.to(device).eval()
+    return LoadedBase(model=model, tokenizer=tok, source=str(path))
+
+
 def load_base(spec: str) -> LoadedBase:
     """Load the base model named by `spec` on the CPU in float32."""
     if spec.startswith("tiny:"):

@@ -49,6 +49,16 @@ def upgrade() -> None:
         sa.CheckConstraint("progress >= 0 AND progress <= 1", name="ck_update_rounds_progress"),
     )
     op.create_index("ix_update_rounds_lineage_status", "update_rounds", ["lineage", "status"])
+    # One queued-or-running round per lineage, enforced by the database so two concurrent
+    # POST /update-rounds cannot both start one.
+    op.create_index(
+        "uq_update_rounds_one_active",
+        "update_rounds",
+        ["lineage"],
+        unique=True,
+        postgresql_where=sa.text("status IN ('queued', 'running')"),
+        sqlite_where=sa.text("status IN ('queued', 'running')"),
+    )
 
     op.create_table(
         "checkpoints",
@@ -118,5 +128,6 @@ def downgrade() -> None:
     op.drop_table("round_metrics")
     op.drop_index("uq_checkpoints_one_champion", table_name="checkpoints")
     op.drop_table("checkpoints")
+    op.drop_index("uq_update_rounds_one_active", table_name="update_rounds")
     op.drop_index("ix_update_rounds_lineage_status", table_name="update_rounds")
     op.drop_table("update_rounds")

@@ -1,0 +1,60 @@
+"""Parameters of a self-update round: the body of POST /update-rounds (all optional).
+
+The defaults finish in a few minutes on a 2-core CPU with SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RoundParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # generate
+    prompts: list[str] | None = Field(default=None, description="explicit prompts", max_length=512)
+    prompt_source: Literal["corpus", "served", "file"] = "corpus"
+    prompt_file: str | None = None
+    num_prompts: int = Field(default=16, ge=1, le=512)
+    samples_per_prompt: int = Field(default=4, ge=1, le=32)
+    max_new_tokens: int = Field(default=48, ge=4, le=512)
+    temperature: float = Field(default=0.8, gt=0, le=5)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    generate_batch_size: int = Field(default=16, ge=1, le=256)
+    # select
+    strategy: Literal["random", "diversity", "difficulty"] = "diversity"
+    filters: bool = True
+    min_words: int = Field(default=8, ge=1)
+    max_repetition: float = Field(default=0.5, gt=0, le=1)
+    dedup_threshold: float = Field(default=0.7, gt=0, le=1)
+    train_size: int = Field(default=32, ge=1, le=10000)
+    valid_size: int = Field(default=8, ge=1, le=10000)
+    # update
+    replay_fraction: float = Field(default=0.25, ge=0, lt=1)
+    learning_rate: float = Field(default=5e-5, gt=0, le=1e-2)
+    epochs: int = Field(default=2, ge=1, le=20)
+    batch_size: int = Field(default=8, ge=1, le=256)
+    max_length: int = Field(default=256, ge=16, le=4096)
+    # evaluate
+    corpus: str | None = Field(default=None, description="domain corpus; default pydoc topics")
+    eval_passages: int = Field(default=32, ge=1, le=5000)
+    diversity_prompts: int = Field(default=8, ge=1, le=256)
+    # meta-step and decide
+    meta_step: bool = True
+    epsilon_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
+    gate: Literal["dev", "generated"] = "dev"
+    promotion_margin: float = Field(default=0.005, ge=0, lt=1)
+    diversity_tolerance: float = Field(default=0.05, ge=0, le=1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RoundParams:
+        if self.prompt_source == "file" and not self.prompt_file:
+            raise ValueError("prompt_source 'file' needs prompt_file")
+        if self.prompts is not None and not [p for p in self.prompts if p.strip()]:
+            raise ValueError("prompts must contain at least one non-empty prompt")
+        if any(not 0 < e <= 2 for e in self.epsilon_grid):
+            raise ValueError("epsilon_grid values must be in (0, 2]")
+        return self

@@ -1,0 +1,349 @@
+"""One self-update round: generate → select → update → evaluate → meta-step → decide.
+
+Each stage is a plain function in its own module; this module wires them together, records
+every number in `round_metrics`, moves `stage`/`progress`, and promotes atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from selflm.checkpoints import get_champion, next_version, promote
+from selflm.db.models import Checkpoint, ServedPrompt
+from selflm.db.session import Database
+from selflm.modeling.device import pick_device
+from selflm.modeling.loader import load_checkpoint
+from selflm.modeling.store import verify_checkpoint, write_checkpoint
+from selflm.notify import announce
+from selflm.rounds import records
+from selflm.rounds.data import Corpus, load_corpus, passages, prompts_from
+from selflm.rounds.decide import decide
+from selflm.rounds.evaluate import per_sample_loss, perplexity
+from selflm.rounds.generate import generate_samples
+from selflm.rounds.metastep import meta_step, state_copy
+from selflm.rounds.params import RoundParams
+from selflm.rounds.select import FilterConfig, Sample, dedup, filter_degenerate
+from selflm.rounds.select import select as pick
+from selflm.rounds.select import split_train_valid
+from selflm.rounds.textstats import DiversityStats, diversity
+from selflm.rounds.update import EpochStats, TrainConfig, finetune
+from selflm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Stage → share of the round's progress bar at its end.
+PROGRESS = {
+    "generate": 0.25,
+    "select": 0.30,
+    "update": 0.60,
+    "evaluate": 0.75,
+    "meta_step": 0.90,
+    "decide": 1.0,
+}
+
+
+class RoundCancelled(RuntimeError):
+    pass
+
+
+@dataclass
+class RoundOutcome:
+    decision: str
+    reason: str
+    candidate_version: int | None
+
+
+class Heartbeat:
+    """Keeps `heartbeat_at` fresh while a long stage runs, from a side thread."""
+
+    def __init__(self, db: Database, round_id: int, every_s: float = 10.0) -> None:
+        self._db, self._id, self._every = db, round_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="round-heartbeat")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                records.heartbeat(self._db, self._id)
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+
+
+class Round:
+    def __init__(self, settings: Settings, db: Database, round_id: int, params: RoundParams):
+        self.settings, self.db, self.id, self.p = settings, db, round_id, params
+        self.rng = random.Random(params.seed)
+        self.timings: dict[str, float] = {}
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def metrics(self, stage: str, values: dict[str, float], step: int | None = None) -> None:
+        records.add_metrics(self.db, self.id, stage, values, step)
+
+    def enter(self, stage: str) -> float:
+        if records.is_cancelled(self.db, self.id):
+            raise RoundCancelled(f"round {self.id} was cancelled")
+        prev = [s for s in PROGRESS if PROGRESS[s] < PROGRESS[stage]]
+        records.set_progress(self.db, self.id, stage, PROGRESS[prev[-1]] if prev else 0.0)
+        log.info("round %d: %s", self.id, stage)
+        return time.perf_counter()
+
+    def leave(self, stage: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.timings[stage] = seconds
+        self.metrics(stage, {"seconds": seconds})
+        records.set_progress(self.db, self.id, stage, PROGRESS[stage])
+
+    # -- inputs ------------------------------------------------------------------------
+    def prompts(self, corpus: Corpus) -> list[str]:
+        p = self.p
+        if p.prompts:
+            return [x for x in p.prompts if x.strip()]
+        if p.prompt_source == "file":
+            assert p.prompt_file is not None
+            lines = [x.strip() for x in Path(p.prompt_file).read_text().splitlines()]
+            return [x for x in lines if x][: p.num_prompts]
+        if p.prompt_source == "served":
+            with self.db.session() as s:
+                served = list(
+                    s.scalars(
+                        select(ServedPrompt.prompt)
+                        .where(ServedPrompt.lineage == self.settings.lineage)
+                        .order_by(ServedPrompt.id.desc())
+                        .limit(p.num_prompts)
+                    )
+                )
+            if served:
+                return served
+            log.info("round %d: no served prompts recorded; using the corpus", self.id)
+        return prompts_from(corpus.train, p.num_prompts, self.rng)
+
+    # -- the round ---------------------------------------------------------------------
+    def run(self) -> RoundOutcome:
+        p, settings = self.p, self.settings
+        torch.manual_seed(p.seed)
+        with self.db.session() as s:
+            champ = get_champion(s, settings.lineage)
+            if champ is None:
+                raise RuntimeError("no champion checkpoint: start the API once to import it")
+            base_version, champ_path, champ_manifest = champ.version, champ.path, champ.manifest
+        records.update_round(self.db, self.id, base_version=base_version)
+        # Float32 master weights: training autocasts to bf16 where that is fast.
+        verify_checkpoint(Path(champ_path), champ_manifest)
+        champion = load_checkpoint(Path(champ_path), pick_device(settings.device), torch.float32)
+        model, tok = champion.model, champion.tokenizer
+        corpus = load_corpus(p.corpus, seed=1234)
+        dev_texts = passages(corpus.dev)[: p.eval_passages]
+        test_texts = passages(corpus.test)[: p.eval_passages]
+        self.metrics("data", {"train_docs": len(corpus.train), "dev_docs": len(corpus.dev),
+                              "test_docs": len(corpus.test), "dev_passages": len(dev_texts),
+                              "test_passages": len(test_texts)})
+
+        # generate
+        t = self.enter("generate")
+        prompts = self.prompts(corpus)
+        gen = generate_samples(model, tok, prompts, p.samples_per_prompt, p.max_new_tokens,
+                               p.temperature, p.top_p, p.seed, p.generate_batch_size)
+        self.metrics("generate", {"prompts": len(prompts), "generated": len(gen.samples),
+                                  "tokens": gen.tokens, "tokens_per_s": gen.tokens_per_s,
+                                  "seed": p.seed})
+        self.leave("generate", t)
+
+        # select
+        t = self.enter("select")
+        samples = [Sample(text=g.text, prompt=g.prompt) for g in gen.samples]
+        n_filtered = n_exact = n_near = 0
+        if p.filters:
+            cfg = FilterConfig(min_words=p.min_words, max_repetition=p.max_repetition,
+                               dedup_threshold=p.dedup_threshold)
+            samples, n_filtered = filter_degenerate(samples, cfg)
+            samples, n_exact, n_near = dedup(samples, cfg)
+        if p.strategy == "difficulty" and samples:
+            losses = per_sample_loss(model, tok, [s.prompt + s.text for s in samples],
+                                     batch_size=p.batch_size, max_length=p.max_length)
+            samples = [Sample(text=s.text, prompt=s.prompt, loss=lo)
+                       for s, lo in zip(samples, losses, strict=True)]
+        chosen = pick(samples, p.train_size + p.valid_size, p.strategy, self.rng)
+        if len(chosen) < 2:
+            raise RuntimeError(f"only {len(chosen)} usable samples after selection")
+        valid_fraction = p.valid_size / (p.train_size + p.valid_size)
+        train_s, valid_s = split_train_valid(chosen, valid_fraction, self.rng)
+        train_texts = [s.prompt + s.text for s in train_s]
+        valid_texts = [s.prompt + s.text for s in valid_s]
+        self.metrics("select", {"generated": len(gen.samples), "filtered_degenerate": n_filtered,
+                                "dedup_exact": n_exact, "dedup_near": n_near,
+                                "selected": len(chosen), "train": len(train_texts),
+                                "valid": len(valid_texts)})
+        self.leave("select", t)
+
+        # update
+        t = self.enter("update")
+        replay = self._replay(corpus, tok, train_texts)
+        base_state = state_copy(model)
+        candidate = copy.deepcopy(model)
+        cfg_t = TrainConfig(learning_rate=p.learning_rate, epochs=p.epochs,
+                            batch_size=p.batch_size, max_length=p.max_length, seed=p.seed)
+
+        def on_epoch(e: EpochStats) -> None:
+            vals = {"train_loss": e.train_loss, "tokens": e.tokens, "seconds": e.seconds}
+            if e.valid_loss is not None:
+                vals["valid_loss"] = e.valid_loss
+            self.metrics("update", vals, step=e.epoch)
+
+        result = finetune(candidate, tok, train_texts + replay, valid_texts, cfg_t, on_epoch)
+        self.metrics("update", {"tokens_trained": result.tokens_trained,
+                                "tokens_per_s": result.tokens_per_s,
+                                "best_epoch": result.best_epoch,
+                                "stopped_early": float(result.stopped_early),
+                                "replay_texts": len(replay)})
+        self.leave("update", t)
+
+        # evaluate (champion once; candidate after the meta-step)
+        t = self.enter("evaluate")
+        bs, ml = p.batch_size, p.max_length
+        champ_valid = perplexity(model, tok, valid_texts, bs, ml).ppl
+        champ_dev = perplexity(model, tok, dev_texts, bs, ml).ppl
+        champ_test = perplexity(model, tok, test_texts, bs, ml).ppl
+        self.metrics("evaluate", {"champion_valid_ppl": champ_valid,
+                                  "champion_dev_ppl": champ_dev,
+                                  "champion_test_ppl": champ_test})
+        self.leave("evaluate", t)
+
+        # meta-step: θ = θ_champion + ε(θ_finetuned − θ_champion), ε by dev perplexity
+        t = self.enter("meta_step")
+        grid = p.epsilon_grid if p.meta_step else [1.0]
+        gate_texts = dev_texts if p.gate == "dev" else valid_texts
+        ms = meta_step(candidate, base_state, grid,
+                       lambda m: perplexity(m, tok, gate_texts, bs, ml).ppl)
+        for eps, score in ms.scores.items():
+            self.metrics("meta_step", {"gate_ppl": score, "epsilon": eps})
+        self.metrics("meta_step", {"epsilon_chosen": ms.epsilon})
+        del base_state
+        self.leave("meta_step", t)
+
+        # decide
+        t = self.enter("decide")
+        cand_valid = perplexity(candidate, tok, valid_texts, bs, ml).ppl
+        cand_dev = ms.scores[ms.epsilon] if p.gate == "dev" else perplexity(
+            candidate, tok, dev_texts, bs, ml).ppl
+        cand_test = perplexity(candidate, tok, test_texts, bs, ml).ppl
+        div_prompts = prompts_from(corpus.train, p.diversity_prompts, random.Random(p.seed + 1))
+        champ_div = self._diversity(model, tok, div_prompts)
+        cand_div = self._diversity(candidate, tok, div_prompts)
+        self.metrics("evaluate", {
+            "candidate_valid_ppl": cand_valid, "candidate_dev_ppl": cand_dev,
+            "candidate_test_ppl": cand_test,
+            "champion_distinct_1": champ_div.distinct_1, "champion_distinct_2": champ_div.distinct_2,
+            "champion_repetition_rate": champ_div.repetition_rate,
+            "candidate_distinct_1": cand_div.distinct_1, "candidate_distinct_2": cand_div.distinct_2,
+            "candidate_repetition_rate": cand_div.repetition_rate,
+        })
+        if p.gate == "dev":
+            verdict = decide("dev", champ_dev, cand_dev, p.promotion_margin, champ_div, cand_div,
+                             p.diversity_tolerance)
+        else:  # the reference loop: its own generated valid split, no diversity check
+            verdict = decide("generated-valid", champ_valid, cand_valid, p.promotion_margin,
+                             None, None, p.diversity_tolerance)
+        self.metrics("decide", {"improvement": verdict.improvement,
+                                "promoted": float(verdict.promote)})
+        version = self._promote(candidate, tok, base_version) if verdict.promote else None
+        self.leave("decide", t)
+        return RoundOutcome("promoted" if verdict.promote else "rejected", verdict.reason,
+                            version)
+
+    def _replay(self, corpus: Corpus, tok: Any, train_texts: list[str]) -> list[str]:
+        """Real train-split passages until they make `replay_fraction` of the tokens."""
+        frac = self.p.replay_fraction
+        if frac <= 0:
+            return []
+        synth = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in train_texts)
+        target = synth * frac / (1 - frac)
+        pool = passages(corpus.train)
+        self.rng.shuffle(pool)
+        out: list[str] = []
+        got = 0
+        for text in pool:
+            if got >= target:
+                break
+            n = min(len(tok(text, add_special_tokens=False)["input_ids"]), self.p.max_length)
+            out.append(text)
+            got += n
+        self.metrics("update", {"replay_tokens": got, "synthetic_tokens": synth,
+                                "replay_token_fraction": got / max(1, got + synth)})
+        return out
+
+    def _diversity(self, model: Any, tok: Any, prompts: list[str]) -> DiversityStats:
+        g = generate_samples(model, tok, prompts, 1, self.p.max_new_tokens, self.p.temperature,
+                             self.p.top_p, self.p.seed + 7, self.p.generate_batch_size)
+        return diversity([s.text for s in g.samples])
+
+    def _promote(self, candidate: Any, tok: Any, parent: int) -> int:
+        """Write atomically, record, move the champion pointer in one transaction, announce."""
+        lineage = self.settings.lineage
+        with self.db.session() as s:
+            version = next_version(s, lineage)
+        stored = write_checkpoint(candidate, tok, self.settings.checkpoint_dir, lineage, version,
+                                  source=f"round {self.id}", parent_version=parent)
+        with self.db.session() as s:
+            if records.is_cancelled(self.db, self.id):
+                raise RoundCancelled(f"round {self.id} was cancelled before promotion")
+            current = get_champion(s, lineage)
+            if current is None or current.version != parent:
+                raise RuntimeError(
+                    f"champion moved from v{parent} to "
+                    f"v{current.version if current else None} during the round; not promoting"
+                )
+            s.add(Checkpoint(lineage=lineage, version=version, parent_version=parent,
+                             path=str(stored.path), manifest=stored.manifest, status="candidate",
+                             source=f"round {self.id}", produced_by_round=self.id))
+            s.flush()
+            promote(s, lineage, version)
+            # The round records its candidate in the same transaction as the promotion.
+            s.execute(records.update_stmt(self.id, candidate_version=version))
+        announce(self.settings.redis_url, lineage, version)
+        log.info("round %d promoted v%d (parent v%d)", self.id, version, parent)
+        return version
+
+
+def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome | None:
+    """Claim and run one round. Returns None when another delivery owns it."""
+    if not records.claim(db, round_id, stale_after_s=settings.round_stale_after_s):
+        log.info("round %d not claimable (already taken or finished); skipping", round_id)
+        return None
+    row = records.get_round(db, round_id)
+    assert row is not None
+    params = RoundParams.model_validate(row.params)
+    rnd = Round(settings, db, round_id, params)
+    started = time.perf_counter()
+    try:
+        with Heartbeat(db, round_id):
+            outcome = rnd.run()
+    except RoundCancelled as e:
+        log.info("%s", e)
+        records.finish(db, round_id, "cancelled", error=str(e))
+        return None
+    except BaseException as e:
+        log.exception("round %d failed", round_id)
+        records.finish(db, round_id, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    records.add_metrics(db, round_id, "round", {"seconds": time.perf_counter() - started})
+    records.finish(db, round_id, "succeeded", decision=outcome.decision, reason=outcome.reason,
+                   candidate_version=outcome.candidate_version, progress=1.0, stage="done")
+    return outcome
