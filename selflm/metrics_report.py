@@ -33,7 +33,9 @@ def headline(metrics: list[RoundMetric]) -> dict[str, float]:
     out: dict[str, float] = {}
     for m in metrics:
         if m.step is None and (m.stage, m.name) in HEADLINE:
-            key = m.name if m.stage in ("evaluate", "meta_step", "decide") else f"{m.stage}_{m.name}"
+            key = (
+                m.name if m.stage in ("evaluate", "meta_step", "decide") else f"{m.stage}_{m.name}"
+            )
             out[key] = m.value
     return out
 

@@ -26,6 +26,7 @@ def announce(redis_url: str | None, lineage: str, version: int) -> bool:
             client.close()
         return True
     except Exception:
-        log.warning("could not announce v%d on %s; replicas will poll", version, redis_url,
-                    exc_info=True)
+        log.warning(
+            "could not announce v%d on %s; replicas will poll", version, redis_url, exc_info=True
+        )
         return False

@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from selflm import __version__
 from selflm.app import errors
-from selflm.app.routes import generate, health, metrics, rounds
+from selflm.app.routes import checkpoints, generate, health, metrics, rounds
 from selflm.app.state import AppState
+from selflm.app.swap import SwapWatcher
 from selflm.db.session import Database, upgrade
 from selflm.engine.interface import Engine
 from selflm.settings import Settings
@@ -33,7 +34,12 @@ def _start(settings: Settings, engine: Engine | None) -> AppState:
 
         engine = TorchEngine(settings)
     engine.swap(engine.load(champion.version, champion.path, champion.manifest))
-    return AppState(settings=settings, db=db, engine=engine)
+    state = AppState(settings=settings, db=db, engine=engine)
+    watcher = SwapWatcher(settings, db, engine)
+    watcher.start()
+    state.extras["watcher"] = watcher
+    state.extras["on_shutdown"] = [watcher.stop]
+    return state
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -72,4 +78,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(health.router)
     app.include_router(rounds.router)
     app.include_router(metrics.router)
+    app.include_router(checkpoints.router)
     return app

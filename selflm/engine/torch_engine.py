@@ -30,8 +30,8 @@ from selflm.engine.interface import (
     ModelInfo,
     SamplingParams,
 )
-from selflm.modeling.loader import load_checkpoint
 from selflm.modeling.device import dtype_name, pick_device, pick_dtype
+from selflm.modeling.loader import load_checkpoint
 from selflm.modeling.store import verify_checkpoint, weights_bytes
 from selflm.settings import Settings
 

@@ -104,7 +104,7 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedBase:
     # A fixed seed makes tiny:<arch> the same model in every process (API and worker).
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     return LoadedBase(model=model, tokenizer=tok, source=f"tiny:{arch}")
 
 
@@ -141,7 +141,7 @@ def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     """Load a checkpoint-store directory (verify it first: see store.verify_checkpoint)."""
     tok = AutoTokenizer.from_pretrained(str(path))
     _ensure_pad(tok)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.to(device).eval()
     return LoadedBase(model=model, tokenizer=tok, source=str(path))
 

@@ -42,11 +42,11 @@ _DOC_SEPARATOR = re.compile(r"^[ \t]*\f[ \t\f]*$|\n(?:[ \t]*\n){2,}", re.MULTILI
 
 # Boundaries tried in order when a passage is too long: paragraphs, lines, sentences, words.
 # Earlier levels keep more structure (code blocks stay intact when split at lines).
-_LEVELS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*"), "\n\n"),
-    (re.compile(r"\n"), "\n"),
-    (re.compile(r"(?<=[.!?])\s+"), " "),
-    (re.compile(r"\s+"), " "),
+_LEVELS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"\n[ \t]*\n\s*"),
+    re.compile(r"\n"),
+    re.compile(r"(?<=[.!?])\s+"),
+    re.compile(r"\s+"),
 )
 _WORD = re.compile(r"\S+")
 
@@ -157,7 +157,9 @@ def split_corpus(
             else:
                 n_dev -= 1
     else:
-        log.warning("corpus %s has %d documents: no test split%s", name, n, "" if n == 2 else "/dev")
+        log.warning(
+            "corpus %s has %d documents: no test split%s", name, n, "" if n == 2 else "/dev"
+        )
         n_test, n_dev = 0, n - 1
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -187,33 +189,40 @@ def _word_count(text: str) -> int:
     return len(text.split())
 
 
-def _chunk(text: str, max_words: int, level: int) -> list[str]:
-    """Split ``text`` at the coarsest boundary that brings each piece under ``max_words``,
-    then pack neighbouring pieces greedily back up to ``max_words``."""
-    if _word_count(text) <= max_words:
-        return [text] if text.strip() else []
-    pattern, sep = _LEVELS[level]
-    pieces: list[str] = []
-    for part in pattern.split(text):
-        if not part.strip():
-            continue
-        if _word_count(part) > max_words:
+def _chunk(text: str, start: int, end: int, max_words: int, level: int) -> list[tuple[int, int]]:
+    """Spans of ``text[start:end]`` of at most ``max_words`` words each.
+
+    Split at the coarsest boundary that brings each piece under ``max_words``, then pack
+    neighbouring pieces greedily back up to ``max_words``. Spans index the original text,
+    so a passage keeps its spacing and is always a literal substring of its document.
+    """
+    words = _word_count(text[start:end])
+    if words <= max_words:
+        return [(start, end)] if words else []
+    pieces: list[tuple[int, int]] = []
+    pos = start
+    for match in _LEVELS[level].finditer(text, start, end):
+        pieces.append((pos, match.start()))
+        pos = match.end()
+    pieces.append((pos, end))
+    spans: list[tuple[int, int]] = []
+    for s, e in pieces:
+        if _word_count(text[s:e]) > max_words:
             # The word level yields single words, so recursion always terminates there.
-            pieces.extend(_chunk(part, max_words, level + 1))
-        else:
-            pieces.append(part)
-    out: list[str] = []
-    current: list[str] = []
+            spans.extend(_chunk(text, s, e, max_words, level + 1))
+        elif text[s:e].strip():
+            spans.append((s, e))
+    # Separators are whitespace only, so a packed span's word count is the sum of its parts.
+    out: list[tuple[int, int]] = []
     current_words = 0
-    for piece in pieces:
-        words = _word_count(piece)
-        if current and current_words + words > max_words:
-            out.append(sep.join(current))
-            current, current_words = [], 0
-        current.append(piece)
-        current_words += words
-    if current:
-        out.append(sep.join(current))
+    for s, e in spans:
+        n = _word_count(text[s:e])
+        if out and current_words + n <= max_words:
+            out[-1] = (out[-1][0], e)
+            current_words += n
+        else:
+            out.append((s, e))
+            current_words = n
     return out
 
 
@@ -231,7 +240,7 @@ def passages(
         raise ValueError("max_words must be at least 1")
     out: list[str] = []
     for doc in docs:
-        out.extend(p.strip() for p in _chunk(doc, max_words, 0))
+        out.extend(doc[s:e].strip() for s, e in _chunk(doc, 0, len(doc), max_words, 0))
     out = [p for p in out if p]
     if rng is not None:
         rng.shuffle(out)

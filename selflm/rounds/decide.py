@@ -25,7 +25,8 @@ def decide(
 ) -> Decision:
     """Promote when the gate perplexity improves by at least `margin` (relative) and the
     candidate's distinct-2 does not drop, nor its repetition rate rise, by more than
-    `tolerance` (relative to the champion's)."""
+    `tolerance` (absolute: both are fractions in [0, 1], and a relative bound on a
+    repetition rate near zero would reject any change)."""
     improvement = (champion_ppl - candidate_ppl) / champion_ppl if champion_ppl > 0 else 0.0
     numbers = (
         f"{gate_name} ppl {champion_ppl:.4f} -> {candidate_ppl:.4f} "
@@ -34,12 +35,12 @@ def decide(
     if improvement < margin:
         return Decision(False, f"rejected: {numbers}", improvement)
     if champion_div is not None and candidate_div is not None:
-        d2_floor = champion_div.distinct_2 * (1 - tolerance)
-        rep_ceiling = champion_div.repetition_rate * (1 + tolerance) + 0.01
+        d2_floor = champion_div.distinct_2 - tolerance
+        rep_ceiling = champion_div.repetition_rate + tolerance
         div = (
             f"distinct-2 {champion_div.distinct_2:.3f} -> {candidate_div.distinct_2:.3f}, "
             f"repetition {champion_div.repetition_rate:.3f} -> "
-            f"{candidate_div.repetition_rate:.3f} (tolerance {tolerance * 100:.0f}%)"
+            f"{candidate_div.repetition_rate:.3f} (tolerance {tolerance:.3f})"
         )
         if candidate_div.distinct_2 < d2_floor or candidate_div.repetition_rate > rep_ceiling:
             return Decision(False, f"rejected: diversity fell: {div}; {numbers}", improvement)

@@ -32,9 +32,8 @@ from selflm.rounds.evaluate import per_sample_loss, perplexity
 from selflm.rounds.generate import generate_samples
 from selflm.rounds.metastep import meta_step, state_copy
 from selflm.rounds.params import RoundParams
-from selflm.rounds.select import FilterConfig, Sample, dedup, filter_degenerate
+from selflm.rounds.select import FilterConfig, Sample, dedup, filter_degenerate, split_train_valid
 from selflm.rounds.select import select as pick
-from selflm.rounds.select import split_train_valid
 from selflm.rounds.textstats import DiversityStats, diversity
 from selflm.rounds.update import EpochStats, TrainConfig, finetune
 from selflm.settings import Settings
@@ -152,18 +151,41 @@ class Round:
         corpus = load_corpus(p.corpus, seed=1234)
         dev_texts = passages(corpus.dev)[: p.eval_passages]
         test_texts = passages(corpus.test)[: p.eval_passages]
-        self.metrics("data", {"train_docs": len(corpus.train), "dev_docs": len(corpus.dev),
-                              "test_docs": len(corpus.test), "dev_passages": len(dev_texts),
-                              "test_passages": len(test_texts)})
+        self.metrics(
+            "data",
+            {
+                "train_docs": len(corpus.train),
+                "dev_docs": len(corpus.dev),
+                "test_docs": len(corpus.test),
+                "dev_passages": len(dev_texts),
+                "test_passages": len(test_texts),
+            },
+        )
 
         # generate
         t = self.enter("generate")
         prompts = self.prompts(corpus)
-        gen = generate_samples(model, tok, prompts, p.samples_per_prompt, p.max_new_tokens,
-                               p.temperature, p.top_p, p.seed, p.generate_batch_size)
-        self.metrics("generate", {"prompts": len(prompts), "generated": len(gen.samples),
-                                  "tokens": gen.tokens, "tokens_per_s": gen.tokens_per_s,
-                                  "seed": p.seed})
+        gen = generate_samples(
+            model,
+            tok,
+            prompts,
+            p.samples_per_prompt,
+            p.max_new_tokens,
+            p.temperature,
+            p.top_p,
+            p.seed,
+            p.generate_batch_size,
+        )
+        self.metrics(
+            "generate",
+            {
+                "prompts": len(prompts),
+                "generated": len(gen.samples),
+                "tokens": gen.tokens,
+                "tokens_per_s": gen.tokens_per_s,
+                "seed": p.seed,
+            },
+        )
         self.leave("generate", t)
 
         # select
@@ -171,15 +193,25 @@ class Round:
         samples = [Sample(text=g.text, prompt=g.prompt) for g in gen.samples]
         n_filtered = n_exact = n_near = 0
         if p.filters:
-            cfg = FilterConfig(min_words=p.min_words, max_repetition=p.max_repetition,
-                               dedup_threshold=p.dedup_threshold)
+            cfg = FilterConfig(
+                min_words=p.min_words,
+                max_repetition=p.max_repetition,
+                dedup_threshold=p.dedup_threshold,
+            )
             samples, n_filtered = filter_degenerate(samples, cfg)
             samples, n_exact, n_near = dedup(samples, cfg)
         if p.strategy == "difficulty" and samples:
-            losses = per_sample_loss(model, tok, [s.prompt + s.text for s in samples],
-                                     batch_size=p.batch_size, max_length=p.max_length)
-            samples = [Sample(text=s.text, prompt=s.prompt, loss=lo)
-                       for s, lo in zip(samples, losses, strict=True)]
+            losses = per_sample_loss(
+                model,
+                tok,
+                [s.prompt + s.text for s in samples],
+                batch_size=p.batch_size,
+                max_length=p.max_length,
+            )
+            samples = [
+                Sample(text=s.text, prompt=s.prompt, loss=lo)
+                for s, lo in zip(samples, losses, strict=True)
+            ]
         chosen = pick(samples, p.train_size + p.valid_size, p.strategy, self.rng)
         if len(chosen) < 2:
             raise RuntimeError(f"only {len(chosen)} usable samples after selection")
@@ -187,10 +219,18 @@ class Round:
         train_s, valid_s = split_train_valid(chosen, valid_fraction, self.rng)
         train_texts = [s.prompt + s.text for s in train_s]
         valid_texts = [s.prompt + s.text for s in valid_s]
-        self.metrics("select", {"generated": len(gen.samples), "filtered_degenerate": n_filtered,
-                                "dedup_exact": n_exact, "dedup_near": n_near,
-                                "selected": len(chosen), "train": len(train_texts),
-                                "valid": len(valid_texts)})
+        self.metrics(
+            "select",
+            {
+                "generated": len(gen.samples),
+                "filtered_degenerate": n_filtered,
+                "dedup_exact": n_exact,
+                "dedup_near": n_near,
+                "selected": len(chosen),
+                "train": len(train_texts),
+                "valid": len(valid_texts),
+            },
+        )
         self.leave("select", t)
 
         # update
@@ -198,8 +238,13 @@ class Round:
         replay = self._replay(corpus, tok, train_texts)
         base_state = state_copy(model)
         candidate = copy.deepcopy(model)
-        cfg_t = TrainConfig(learning_rate=p.learning_rate, epochs=p.epochs,
-                            batch_size=p.batch_size, max_length=p.max_length, seed=p.seed)
+        cfg_t = TrainConfig(
+            learning_rate=p.learning_rate,
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            max_length=p.max_length,
+            seed=p.seed,
+        )
 
         def on_epoch(e: EpochStats) -> None:
             vals = {"train_loss": e.train_loss, "tokens": e.tokens, "seconds": e.seconds}
@@ -208,11 +253,16 @@ class Round:
             self.metrics("update", vals, step=e.epoch)
 
         result = finetune(candidate, tok, train_texts + replay, valid_texts, cfg_t, on_epoch)
-        self.metrics("update", {"tokens_trained": result.tokens_trained,
-                                "tokens_per_s": result.tokens_per_s,
-                                "best_epoch": result.best_epoch,
-                                "stopped_early": float(result.stopped_early),
-                                "replay_texts": len(replay)})
+        self.metrics(
+            "update",
+            {
+                "tokens_trained": result.tokens_trained,
+                "tokens_per_s": result.tokens_per_s,
+                "best_epoch": result.best_epoch,
+                "stopped_early": float(result.stopped_early),
+                "replay_texts": len(replay),
+            },
+        )
         self.leave("update", t)
 
         # evaluate (champion once; candidate after the meta-step)
@@ -221,19 +271,24 @@ class Round:
         champ_valid = perplexity(model, tok, valid_texts, bs, ml).ppl
         champ_dev = perplexity(model, tok, dev_texts, bs, ml).ppl
         champ_test = perplexity(model, tok, test_texts, bs, ml).ppl
-        self.metrics("evaluate", {"champion_valid_ppl": champ_valid,
-                                  "champion_dev_ppl": champ_dev,
-                                  "champion_test_ppl": champ_test})
+        self.metrics(
+            "evaluate",
+            {
+                "champion_valid_ppl": champ_valid,
+                "champion_dev_ppl": champ_dev,
+                "champion_test_ppl": champ_test,
+            },
+        )
         self.leave("evaluate", t)
 
         # meta-step: θ = θ_champion + ε(θ_finetuned − θ_champion), ε by dev perplexity
         t = self.enter("meta_step")
         grid = p.epsilon_grid if p.meta_step else [1.0]
         gate_texts = dev_texts if p.gate == "dev" else valid_texts
-        ms = meta_step(candidate, base_state, grid,
-                       lambda m: perplexity(m, tok, gate_texts, bs, ml).ppl)
-        for eps, score in ms.scores.items():
-            self.metrics("meta_step", {"gate_ppl": score, "epsilon": eps})
+        ms = meta_step(
+            candidate, base_state, grid, lambda m: perplexity(m, tok, gate_texts, bs, ml).ppl
+        )
+        self.metrics("meta_step", {f"gate_ppl_eps_{eps:g}": v for eps, v in ms.scores.items()})
         self.metrics("meta_step", {"epsilon_chosen": ms.epsilon})
         del base_state
         self.leave("meta_step", t)
@@ -241,32 +296,55 @@ class Round:
         # decide
         t = self.enter("decide")
         cand_valid = perplexity(candidate, tok, valid_texts, bs, ml).ppl
-        cand_dev = ms.scores[ms.epsilon] if p.gate == "dev" else perplexity(
-            candidate, tok, dev_texts, bs, ml).ppl
+        cand_dev = (
+            ms.scores[ms.epsilon]
+            if p.gate == "dev"
+            else perplexity(candidate, tok, dev_texts, bs, ml).ppl
+        )
         cand_test = perplexity(candidate, tok, test_texts, bs, ml).ppl
         div_prompts = prompts_from(corpus.train, p.diversity_prompts, random.Random(p.seed + 1))
         champ_div = self._diversity(model, tok, div_prompts)
         cand_div = self._diversity(candidate, tok, div_prompts)
-        self.metrics("evaluate", {
-            "candidate_valid_ppl": cand_valid, "candidate_dev_ppl": cand_dev,
-            "candidate_test_ppl": cand_test,
-            "champion_distinct_1": champ_div.distinct_1, "champion_distinct_2": champ_div.distinct_2,
-            "champion_repetition_rate": champ_div.repetition_rate,
-            "candidate_distinct_1": cand_div.distinct_1, "candidate_distinct_2": cand_div.distinct_2,
-            "candidate_repetition_rate": cand_div.repetition_rate,
-        })
+        self.metrics(
+            "evaluate",
+            {
+                "candidate_valid_ppl": cand_valid,
+                "candidate_dev_ppl": cand_dev,
+                "candidate_test_ppl": cand_test,
+                "champion_distinct_1": champ_div.distinct_1,
+                "champion_distinct_2": champ_div.distinct_2,
+                "champion_repetition_rate": champ_div.repetition_rate,
+                "candidate_distinct_1": cand_div.distinct_1,
+                "candidate_distinct_2": cand_div.distinct_2,
+                "candidate_repetition_rate": cand_div.repetition_rate,
+            },
+        )
         if p.gate == "dev":
-            verdict = decide("dev", champ_dev, cand_dev, p.promotion_margin, champ_div, cand_div,
-                             p.diversity_tolerance)
+            verdict = decide(
+                "dev",
+                champ_dev,
+                cand_dev,
+                p.promotion_margin,
+                champ_div,
+                cand_div,
+                p.diversity_tolerance,
+            )
         else:  # the reference loop: its own generated valid split, no diversity check
-            verdict = decide("generated-valid", champ_valid, cand_valid, p.promotion_margin,
-                             None, None, p.diversity_tolerance)
-        self.metrics("decide", {"improvement": verdict.improvement,
-                                "promoted": float(verdict.promote)})
+            verdict = decide(
+                "generated-valid",
+                champ_valid,
+                cand_valid,
+                p.promotion_margin,
+                None,
+                None,
+                p.diversity_tolerance,
+            )
+        self.metrics(
+            "decide", {"improvement": verdict.improvement, "promoted": float(verdict.promote)}
+        )
         version = self._promote(candidate, tok, base_version) if verdict.promote else None
         self.leave("decide", t)
-        return RoundOutcome("promoted" if verdict.promote else "rejected", verdict.reason,
-                            version)
+        return RoundOutcome("promoted" if verdict.promote else "rejected", verdict.reason, version)
 
     def _replay(self, corpus: Corpus, tok: Any, train_texts: list[str]) -> list[str]:
         """Real train-split passages until they make `replay_fraction` of the tokens."""
@@ -285,13 +363,28 @@ class Round:
             n = min(len(tok(text, add_special_tokens=False)["input_ids"]), self.p.max_length)
             out.append(text)
             got += n
-        self.metrics("update", {"replay_tokens": got, "synthetic_tokens": synth,
-                                "replay_token_fraction": got / max(1, got + synth)})
+        self.metrics(
+            "update",
+            {
+                "replay_tokens": got,
+                "synthetic_tokens": synth,
+                "replay_token_fraction": got / max(1, got + synth),
+            },
+        )
         return out
 
     def _diversity(self, model: Any, tok: Any, prompts: list[str]) -> DiversityStats:
-        g = generate_samples(model, tok, prompts, 1, self.p.max_new_tokens, self.p.temperature,
-                             self.p.top_p, self.p.seed + 7, self.p.generate_batch_size)
+        g = generate_samples(
+            model,
+            tok,
+            prompts,
+            1,
+            self.p.max_new_tokens,
+            self.p.temperature,
+            self.p.top_p,
+            self.p.seed + 7,
+            self.p.generate_batch_size,
+        )
         return diversity([s.text for s in g.samples])
 
     def _promote(self, candidate: Any, tok: Any, parent: int) -> int:
@@ -299,8 +392,15 @@ class Round:
         lineage = self.settings.lineage
         with self.db.session() as s:
             version = next_version(s, lineage)
-        stored = write_checkpoint(candidate, tok, self.settings.checkpoint_dir, lineage, version,
-                                  source=f"round {self.id}", parent_version=parent)
+        stored = write_checkpoint(
+            candidate,
+            tok,
+            self.settings.checkpoint_dir,
+            lineage,
+            version,
+            source=f"round {self.id}",
+            parent_version=parent,
+        )
         with self.db.session() as s:
             if records.is_cancelled(self.db, self.id):
                 raise RoundCancelled(f"round {self.id} was cancelled before promotion")
@@ -310,9 +410,18 @@ class Round:
                     f"champion moved from v{parent} to "
                     f"v{current.version if current else None} during the round; not promoting"
                 )
-            s.add(Checkpoint(lineage=lineage, version=version, parent_version=parent,
-                             path=str(stored.path), manifest=stored.manifest, status="candidate",
-                             source=f"round {self.id}", produced_by_round=self.id))
+            s.add(
+                Checkpoint(
+                    lineage=lineage,
+                    version=version,
+                    parent_version=parent,
+                    path=str(stored.path),
+                    manifest=stored.manifest,
+                    status="candidate",
+                    source=f"round {self.id}",
+                    produced_by_round=self.id,
+                )
+            )
             s.flush()
             promote(s, lineage, version)
             # The round records its candidate in the same transaction as the promotion.
@@ -344,6 +453,14 @@ def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome |
         records.finish(db, round_id, "failed", error=f"{type(e).__name__}: {e}")
         raise
     records.add_metrics(db, round_id, "round", {"seconds": time.perf_counter() - started})
-    records.finish(db, round_id, "succeeded", decision=outcome.decision, reason=outcome.reason,
-                   candidate_version=outcome.candidate_version, progress=1.0, stage="done")
+    records.finish(
+        db,
+        round_id,
+        "succeeded",
+        decision=outcome.decision,
+        reason=outcome.reason,
+        candidate_version=outcome.candidate_version,
+        progress=1.0,
+        stage="done",
+    )
     return outcome

@@ -81,7 +81,9 @@ def get_round(db: Database, round_id: int) -> UpdateRound | None:
         return row
 
 
-def list_rounds(db: Database, lineage: str, limit: int, offset: int) -> tuple[list[UpdateRound], int]:
+def list_rounds(
+    db: Database, lineage: str, limit: int, offset: int
+) -> tuple[list[UpdateRound], int]:
     with db.session() as s:
         total = s.scalar(
             select(func.count()).select_from(UpdateRound).where(UpdateRound.lineage == lineage)
@@ -176,9 +178,7 @@ def add_metrics(
 
 
 def finish(db: Database, round_id: int, status: str, **values: Any) -> None:
-    update_round(
-        db, round_id, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values
-    )
+    update_round(db, round_id, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
 
 
 def cancel(db: Database, round_id: int) -> bool:

@@ -61,7 +61,7 @@ def configure(celery: Celery, settings: Settings | None = None) -> Celery:
     return celery
 
 
-@app.on_configure.connect
+@app.on_configure.connect  # type: ignore[untyped-decorator]
 def _on_configure(sender: Celery, **_: Any) -> None:
     # Runs on first use of app.conf (worker start, send_task): settings read then.
     if not sender.conf.get("broker_url"):

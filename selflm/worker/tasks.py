@@ -14,7 +14,9 @@ from selflm.worker.celery_app import QUEUE, ROUND_TASK, app
 log = logging.getLogger(__name__)
 
 
-@app.task(name=ROUND_TASK, queue=QUEUE, acks_late=True, ignore_result=True)
+@app.task(  # type: ignore[untyped-decorator]
+    name=ROUND_TASK, queue=QUEUE, acks_late=True, ignore_result=True
+)
 def run_round_task(round_id: int) -> dict[str, Any] | None:
     from selflm.rounds.pipeline import run_round
 

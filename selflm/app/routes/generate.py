@@ -63,7 +63,9 @@ def _record_prompt(state: AppState, prompt: str, version: int) -> None:
         log.warning("could not record served prompt", exc_info=True)
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+# exclude_unset, not exclude_none: `details` is left out unless asked for, but a greedy
+# request's `"seed": null` is part of TGI's details and must stay.
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True)
 async def generate(
     body: GenerateRequest, response: Response, state: Annotated[AppState, Depends(get_state)]
 ) -> GenerateResponse:
@@ -75,12 +77,15 @@ async def generate(
     if state.settings.record_prompts:
         await run_in_threadpool(_record_prompt, state, body.inputs, result.model_version)
     text = body.inputs + result.text if body.parameters.return_full_text else result.text
-    details = None
-    if body.parameters.details:
-        details = Details(
+    if not body.parameters.details:
+        return GenerateResponse(generated_text=text)
+    return GenerateResponse(
+        generated_text=text,
+        details=Details(
             finish_reason=result.finish_reason,
             generated_tokens=result.generated_tokens,
             seed=result.seed,
+            prefill=[],
             tokens=[t.__dict__ for t in result.tokens],  # type: ignore[misc]
-        )
-    return GenerateResponse(generated_text=text, details=details)
+        ),
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -23,7 +23,9 @@ async def health(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse
     watcher = state.extras.get("watcher")
     swap = watcher.status() if watcher is not None else {}
     loaded = bool(engine.get("model_loaded"))
-    status = "ok" if loaded and db_ok else ("degraded" if loaded else "unavailable")
+    status: Literal["ok", "degraded", "unavailable"] = (
+        "ok" if loaded and db_ok else ("degraded" if loaded else "unavailable")
+    )
     if status == "ok" and swap.get("error"):
         status = "degraded"
     body = HealthResponse(

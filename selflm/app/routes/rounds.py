@@ -59,12 +59,25 @@ def round_out(row: UpdateRound) -> RoundOut:
         if isinstance(values.get("seconds"), float)
     }
     return RoundOut(
-        id=row.id, lineage=row.lineage, status=row.status, stage=row.stage,
-        progress=row.progress, params=row.params, base_version=row.base_version,
-        candidate_version=row.candidate_version, decision=row.decision, reason=row.reason,
-        error=row.error, created_at=row.created_at, started_at=row.started_at,
-        finished_at=row.finished_at, heartbeat_at=row.heartbeat_at, worker_id=row.worker_id,
-        attempts=row.attempts, timings=timings, metrics=metrics,
+        id=row.id,
+        lineage=row.lineage,
+        status=row.status,
+        stage=row.stage,
+        progress=row.progress,
+        params=row.params,
+        base_version=row.base_version,
+        candidate_version=row.candidate_version,
+        decision=row.decision,
+        reason=row.reason,
+        error=row.error,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        heartbeat_at=row.heartbeat_at,
+        worker_id=row.worker_id,
+        attempts=row.attempts,
+        timings=timings,
+        metrics=metrics,
     )
 
 
@@ -83,8 +96,12 @@ def _start(state: AppState, params: RoundParams) -> UpdateRound:
     return row
 
 
-@router.post("/update-rounds", status_code=202, response_model=RoundOut,
-             dependencies=[Depends(require_api_key)])
+@router.post(
+    "/update-rounds",
+    status_code=202,
+    response_model=RoundOut,
+    dependencies=[Depends(require_api_key)],
+)
 async def start_round(
     response: Response,
     state: Annotated[AppState, Depends(get_state)],
@@ -93,8 +110,12 @@ async def start_round(
     try:
         row = await run_in_threadpool(_start, state, params or RoundParams())
     except records.RoundConflictError as e:
-        raise ApiError(409, f"{e}; poll /update-rounds/{e.active_id}", "conflict",
-                       {"Location": f"/update-rounds/{e.active_id}"}) from e
+        raise ApiError(
+            409,
+            f"{e}; poll /update-rounds/{e.active_id}",
+            "conflict",
+            {"Location": f"/update-rounds/{e.active_id}"},
+        ) from e
     response.headers["Location"] = f"/update-rounds/{row.id}"
     fresh = await run_in_threadpool(records.get_round, state.db, row.id)
     assert fresh is not None
@@ -121,15 +142,21 @@ async def get_round(round_id: int, state: Annotated[AppState, Depends(get_state)
     return round_out(row)
 
 
-@router.post("/update-rounds/{round_id}/cancel", response_model=RoundOut,
-             dependencies=[Depends(require_api_key)])
+@router.post(
+    "/update-rounds/{round_id}/cancel",
+    response_model=RoundOut,
+    dependencies=[Depends(require_api_key)],
+)
 async def cancel_round(round_id: int, state: Annotated[AppState, Depends(get_state)]) -> RoundOut:
     row = await run_in_threadpool(records.get_round, state.db, round_id)
     if row is None:
         raise ApiError(404, f"round {round_id} not found")
     if not await run_in_threadpool(records.cancel, state.db, round_id):
-        raise ApiError(409, f"round {round_id} is {row.status}; only queued or running rounds "
-                       "can be cancelled", "conflict")
+        raise ApiError(
+            409,
+            f"round {round_id} is {row.status}; only queued or running rounds can be cancelled",
+            "conflict",
+        )
     fresh = await run_in_threadpool(records.get_round, state.db, round_id)
     assert fresh is not None
     return round_out(fresh)

@@ -1,0 +1,134 @@
+"""Meta-step of a round: θ = θ_champion + ε (θ_finetuned − θ_champion), ε picked by score.
+
+This is a Reptile / WiSE-FT interpolation: ε = 1 keeps the fine-tuned weights, smaller ε
+pulls them back toward the champion, which often keeps most of the gain on the round's data
+while forgetting less of everything else. The dev split, not the training data, chooses ε.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["MetaStepResult", "interpolate_into", "meta_step", "state_copy"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetaStepResult:
+    """The chosen ε and every ε's score (dev perplexity; lower is better)."""
+
+    epsilon: float
+    scores: dict[float, float]
+
+
+def _alias_key(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
+    # Tied weights (input embedding and LM head) are one tensor under two state-dict keys.
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def state_copy(model: Any) -> dict[str, Tensor]:
+    """Detached CPU clones of the model's state dict.
+
+    Keys that share one tensor in the model (tied weights) share one clone here, so the copy
+    costs no more memory than the model, and loading it back keeps the weights tied.
+    """
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], Tensor] = {}
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        alias = _alias_key(value)
+        if alias not in seen:
+            seen[alias] = value.detach().to("cpu", copy=True)
+        out[key] = seen[alias]
+    return out
+
+
+def _float_groups(model: Any) -> list[tuple[list[str], Tensor]]:
+    """Floating-point state entries grouped by the storage they live in."""
+    groups: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], list[str]] = {}
+    tensors: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], Tensor] = {}
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        alias = _alias_key(value)
+        groups.setdefault(alias, []).append(key)
+        tensors[alias] = value
+    return [(keys, tensors[alias]) for alias, keys in groups.items()]
+
+
+def interpolate_into(
+    model: Any, base: dict[str, Tensor], delta: dict[str, Tensor], eps: float
+) -> None:
+    """Set the model's floating-point weights to ``base + eps * delta`` in place.
+
+    The sum is formed in float64 and rounded once to the parameter's dtype. With a float64
+    ``delta`` (as :func:`meta_step` builds it) ε = 1 gives back the fine-tuned weights bit
+    for bit and ε = 0 the base, which a float32 delta cannot promise when a weight changes
+    sign or magnitude. Non-floating entries (integer buffers) are left alone.
+    """
+    with torch.no_grad():
+        for keys, target in _float_groups(model):
+            key = next((k for k in keys if k in base and k in delta), None)
+            if key is None:
+                raise KeyError(f"no base/delta entry for {keys[0]!r}")
+            b = base[key].to(target.device, torch.float64)
+            d = delta[key].to(target.device, torch.float64)
+            # state_dict() tensors share storage with the parameters, so copy_ writes through.
+            target.copy_(b.add_(d, alpha=eps))
+
+
+def _delta(model: Any, base_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    delta: dict[str, Tensor] = {}
+    for keys, tuned in _float_groups(model):
+        key = next((k for k in keys if k in base_state), None)
+        if key is None:
+            raise KeyError(f"base state lacks {keys[0]!r}")
+        # float64: see interpolate_into for why the difference must not be rounded.
+        d = tuned.detach().to("cpu", torch.float64) - base_state[key].to("cpu", torch.float64)
+        for k in keys:
+            delta[k] = d
+    return delta
+
+
+def meta_step(
+    model: Any,
+    base_state: dict[str, Tensor],
+    grid: Sequence[float],
+    score: Callable[[Any], float],
+) -> MetaStepResult:
+    """Try each ε in ``grid`` and leave ``model`` holding the best-scoring interpolation.
+
+    ``model`` holds the fine-tuned weights on entry; ``base_state`` is the champion's state
+    (from :func:`state_copy`). ``score(model)`` is lower-is-better; a NaN score counts as
+    worst. Ties go to the ε listed first in ``grid``.
+    """
+    epsilons = list(dict.fromkeys(float(e) for e in grid))
+    if not epsilons:
+        raise ValueError("the ε grid is empty")
+    delta = _delta(model, base_state)
+    scores: dict[float, float] = {}
+    best: float | None = None
+    best_score = math.inf
+    current: float | None = None
+    for eps in epsilons:
+        interpolate_into(model, base_state, delta, eps)
+        current = eps
+        value = float(score(model))
+        scores[eps] = value
+        log.info("meta-step ε=%.3g score=%.4f", eps, value)
+        rank = value if not math.isnan(value) else math.inf
+        if best is None or rank < best_score:
+            best, best_score = eps, rank
+    assert best is not None
+    if not math.isfinite(best_score):
+        log.warning("meta-step: no ε scored finitely; keeping ε=%.3g", best)
+    if current != best:
+        interpolate_into(model, base_state, delta, best)
+    return MetaStepResult(epsilon=best, scores=scores)
