@@ -162,7 +162,9 @@ def score_sequences(
     Runs in eval mode under ``torch.inference_mode()`` on the model's device and puts the
     model back into the train/eval mode it had, so a training loop can call it mid-run.
     """
-    windows = split_windows(seqs, max_length)
+    # A window of fewer than two ids predicts nothing; an all-padding row could also give
+    # NaN attention, so such windows never reach the model.
+    windows = [(i, w) for i, w in split_windows(seqs, max_length) if len(w) >= 2]
     nll = [0.0] * len(seqs)
     counts = [0] * len(seqs)
     device = model_device(model)
