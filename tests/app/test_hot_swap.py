@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -221,7 +222,7 @@ def test_swap_under_load_drops_nothing(cluster: dict[str, Any]) -> None:
     assert after and all(x[3] == 2 for x in after)
     first_new = min(x[1] for x in res if x[3] == 2)
     window = [x[1] for x in res if t_promote - 1 <= x[1] <= t_swapped + 1]
-    gap = max((b2 - b1 for b1, b2 in zip(window, window[1:])), default=0.0)
+    gap = max((b2 - b1 for b1, b2 in itertools.pairwise(window)), default=0.0)
     print(
         f"\nswap under load: {len(res)} requests, 0 failed, largest gap {gap * 1000:.0f} ms, "
         f"promotion→first v2 response {(first_new - t_promote) * 1000:.0f} ms"
