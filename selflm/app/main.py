@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from selflm import __version__
 from selflm.app import errors
-from selflm.app.routes import checkpoints, generate, health, metrics, rounds
+from selflm.app.routes import checkpoints, generate, health, metrics, openai, rounds, stream
 from selflm.app.state import AppState
 from selflm.app.swap import SwapWatcher
 from selflm.db.session import Database, upgrade
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return response
 
     app.include_router(generate.router)
+    app.include_router(stream.router)
+    app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(rounds.router)
     app.include_router(metrics.router)

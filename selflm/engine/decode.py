@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ class Row:
     text: str = ""
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
+    # Called from the decoding thread with (token id, logprob) as each token is chosen.
+    on_token: Callable[[int, float], None] | None = None
 
     def __post_init__(self) -> None:
         if self.params.do_sample:
@@ -124,6 +127,8 @@ def decode_batch(model: Any, tokenizer: Any, rows: list[Row], pad_id: int | None
                 continue
             r.generated.append(tok)
             r.logprobs.append(float(lp_list[j]))
+            if r.on_token is not None:
+                r.on_token(tok, float(lp_list[j]))
             if r.params.repetition_penalty not in (None, 1.0):
                 seen[i] = torch.cat([seen[i], chosen[j : j + 1]])
             if r.params.stop and _check_stop(r, tokenizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -42,6 +43,14 @@ class TokenInfo:
     special: bool
 
 
+@dataclass(frozen=True)
+class StreamToken:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -72,6 +81,10 @@ class Engine(Protocol):
     async def generate(
         self, prompt: str, params: SamplingParams, details: bool = False
     ) -> GenerationResult: ...
+
+    def stream(
+        self, prompt: str, params: SamplingParams
+    ) -> AsyncIterator[StreamToken | GenerationResult]: ...
 
     def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> Any: ...
 

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from selflm.engine.interface import (
     GenerationResult,
     ModelInfo,
     SamplingParams,
+    StreamToken,
 )
 from selflm.modeling.device import dtype_name, pick_device, pick_dtype
 from selflm.modeling.loader import load_checkpoint
@@ -138,11 +140,18 @@ class TorchEngine:
         return ids
 
     def submit(
-        self, prompt: str, params: SamplingParams, details: bool = False
+        self,
+        prompt: str,
+        params: SamplingParams,
+        details: bool = False,
+        on_token: Callable[[int, float], None] | None = None,
     ) -> Future[GenerationResult]:
         cur = self.current()
         row = Row(
-            prompt_ids=self._prompt_ids(cur, prompt, params), params=params, want_tokens=details
+            prompt_ids=self._prompt_ids(cur, prompt, params),
+            params=params,
+            want_tokens=details,
+            on_token=on_token,
         )
         if self._queue.qsize() >= self.settings.max_queue:
             raise EngineOverloadedError("Model is overloaded")
@@ -154,6 +163,32 @@ class TorchEngine:
         self, prompt: str, params: SamplingParams, details: bool = False
     ) -> GenerationResult:
         return await asyncio.wrap_future(self.submit(prompt, params, details))
+
+    async def stream(
+        self, prompt: str, params: SamplingParams
+    ) -> AsyncIterator[StreamToken | GenerationResult]:
+        """Tokens as they are chosen, then the final result."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
+        tokenizer = self.current().tokenizer
+
+        def on_token(tok: int, logprob: float) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, (tok, logprob))
+
+        fut = self.submit(prompt, params, on_token=on_token)
+        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(q.put_nowait, None))
+        ids: list[int] = []
+        text = ""
+        special = set(tokenizer.all_special_ids)
+        while (item := await q.get()) is not None:
+            tok, logprob = item
+            ids.append(tok)
+            # Decode the whole prefix: a token may complete a multi-byte character.
+            full = tokenizer.decode(ids, skip_special_tokens=True)
+            piece, text = full[len(text) :], full
+            yield StreamToken(id=tok, text=piece, logprob=logprob, special=tok in special)
+        result: GenerationResult = await asyncio.wrap_future(fut)
+        yield result
 
     def close(self) -> None:
         self._stop.set()
