@@ -61,8 +61,6 @@ def configure(celery: Celery, settings: Settings | None = None) -> Celery:
     return celery
 
 
-@app.on_configure.connect  # type: ignore[untyped-decorator]
-def _on_configure(sender: Celery, **_: Any) -> None:
-    # Runs on first use of app.conf (worker start, send_task): settings read then.
-    if not sender.conf.get("broker_url"):
-        configure(sender)
+# Lazy defaults: Celery calls this the first time the configuration is read (worker start,
+# `celery -A selflm.worker.celery_app inspect ping`), so nothing is read at import.
+app.add_defaults(lambda: celery_config(Settings()))

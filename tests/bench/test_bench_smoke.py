@@ -1,0 +1,139 @@
+"""Smoke tests of the benchmarks: each script's main, in process, tiny model, tiny sizes.
+
+They check that every script runs end to end against the real server (subprocess) or the
+real round code and writes a JSON with the expected, positive numbers; the numbers
+themselves mean nothing at these sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `bench` lives in the checkout, not in the installed package
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+from bench import memory, serve, swap  # noqa: E402
+from bench import round as round_bench  # noqa: E402
+
+TINY = ["--model", "tiny:llama"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """One checkpoint store for all four: the first run imports the base, the rest reuse it."""
+    return ["--checkpoint-dir", str(tmp_path_factory.mktemp("bench-store"))]
+
+
+def _load(out: Path, returned: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["bench"] == returned["bench"]
+    assert data["run"]["argv"], "the command line is recorded"
+    return data
+
+
+def _positive(d: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert isinstance(d[key], int | float) and d[key] > 0, (key, d[key])
+
+
+def test_serve_smoke(tmp_path: Path, store: list[str]) -> None:
+    out = tmp_path / "serve.json"
+    argv = [
+        *TINY,
+        *store,
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "2",
+        "--prompts",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--ref-prompts",
+        "2",
+        "--warmup",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
+    data = _load(out, serve.main(argv))
+    assert data["server"]["model_version"] == 1
+    greedy = data["modes"]["greedy"]
+    _positive(greedy["reference"], "tokens", "seconds", "tokens_per_s")
+    assert [lv["concurrency"] for lv in greedy["levels"]] == [1, 2]
+    for lv in greedy["levels"]:
+        assert lv["requests"] == 2 and lv["failed"] == 0
+        _positive(lv, "tokens", "tokens_per_s", "p50_latency_s", "p95_latency_s")
+        _positive(lv, "ratio_vs_reference")
+        assert lv["p95_latency_s"] >= lv["p50_latency_s"]
+    assert Path(data["checkpoint"]).is_relative_to(store[1])
+    assert (tmp_path / "work" / "bench.db").is_file()  # --workdir is kept
+
+
+def test_round_smoke(tmp_path: Path, store: list[str]) -> None:
+    out = tmp_path / "round.json"
+    argv = [
+        *TINY,
+        *store,
+        "--samples",
+        "2",
+        "--samples-per-prompt",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--texts",
+        "4",
+        "--passage-words",
+        "16",
+        "--max-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
+    data = _load(out, round_bench.main(argv))
+    gen = data["generate"]
+    _positive(gen, "samples", "tokens", "tokens_per_s", "ratio_vs_reference")
+    _positive(gen["reference"], "tokens", "tokens_per_s")
+    assert gen["reference"]["tokens"] == gen["tokens"]  # the same lengths on both sides
+    upd = data["update"]
+    _positive(upd, "texts", "windows", "tokens")
+    _positive(upd["reference"], "tokens", "tokens_per_s")
+    for mode in ("autocast_auto", "autocast_off"):
+        _positive(upd[mode], "tokens", "tokens_per_s", "ratio_vs_reference")
+        assert upd[mode]["tokens"] == upd["reference"]["tokens"] == upd["tokens"]
+    assert upd["autocast_off"]["autocast_dtype"] is None
+
+
+SWAP_ARGS = [*TINY, "--clients", "2", "--max-new-tokens", "4", "--prompts", "4"]
+SWAP_ARGS += ["--pre-s", "1.5", "--post-s", "0.5", "--warmup", "1"]
+
+
+def test_swap_smoke(tmp_path: Path, store: list[str]) -> None:
+    out = tmp_path / "swap.json"
+    data = _load(out, swap.main([*SWAP_ARGS, *store, "--out", str(out)]))
+    assert data["failed"] == 0 and data["promote_status"] == 200
+    assert data["versions_seen"] == [1, 2]
+    _positive(data, "requests", "largest_gap_ms", "promote_to_swapped_ms", "load_seconds")
+    _positive(data, "promote_to_first_v2_response_ms")
+    assert data["requests_after_swap_on_old_version"] == 0
+
+
+def test_memory_smoke(tmp_path: Path, store: list[str]) -> None:
+    out = tmp_path / "memory.json"
+    argv = [*SWAP_ARGS, *store, "--steady-s", "1", "--out", str(out)]
+    data = _load(out, memory.main(argv))
+    _positive(data, "weights_bytes", "idle_rss_bytes", "idle_ratio_to_weights")
+    for phase in ("steady", "swap"):
+        _positive(data[phase], "peak_rss_bytes", "samples", "ratio_to_weights")
+        assert data[phase]["failed"] == 0
+    assert data["swap"]["peak_rss_bytes"] >= data["idle_rss_bytes"] * 0.9

@@ -1,0 +1,80 @@
+"""Smoke test of the quality study: tiny model, tiny rounds, two arms, two rounds."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `bench` lives in the checkout, not in the installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import quality  # noqa: E402
+
+NUMBERS = ("test_ppl", "unrelated_ppl", "distinct_1", "distinct_2", "repetition_rate")
+
+
+def test_quality_smoke(tmp_path: Path) -> None:
+    out, report = tmp_path / "out", tmp_path / "docs" / "quality.md"
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    # Real English prose the study can read on any machine (the default lives on Debian).
+    for name, text in {
+        "a.txt": "The harbour was quiet in the early morning. Fishing boats rocked gently "
+        "against the pier while gulls circled over the market stalls.\n\n"
+        "By noon the square was crowded with traders selling bread, cheese and fruit.",
+        "b.txt": "Mountains rose steeply behind the village, their peaks still white with "
+        "snow in late spring, and shepherds drove their flocks up the winding paths.",
+    }.items():
+        (unrelated / name).write_text(text)
+    argv = [
+        "--small",
+        "--rounds",
+        "2",
+        "--arms",
+        "reference,selflm",
+        "--base-model",
+        "tiny:llama",
+        "--device",
+        "cpu",
+        "--unrelated",
+        str(unrelated),
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "--report",
+        str(report),
+    ]
+    assert quality.main(argv) == 0
+
+    data = json.loads((out / "results.json").read_text())
+    got = {(r["arm"], r["round"]) for r in data["records"]}
+    assert got == {(a, i) for a in ("reference", "selflm") for i in range(3)}
+    for r in data["records"]:
+        for key in NUMBERS:
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["arm"], r["round"], key)
+        if r["round"] > 0:
+            assert r["status"] in ("succeeded", "failed")
+            assert isinstance(r["promoted"], bool)
+    # Every arm starts from the same base, measured once.
+    bases = [r for r in data["records"] if r["round"] == 0]
+    assert bases[0]["test_ppl"] == bases[1]["test_ppl"]
+    assert data["meta"]["arms"]["reference"]["params"]["gate"] == "generated"
+    assert (out / "results.csv").read_text().count("\n") == 7
+
+    text = report.read_text()
+    assert "## What the numbers say" in text and "### reference" in text
+    png = report.with_name("quality_test_ppl.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --resume with everything done runs no round and keeps the notes written by hand.
+    report.write_text(text.replace("_Placeholder", "Lead notes. _Placeholder"))
+    assert quality.main([*argv, "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [r["weights_key"] for r in again["records"]] == [
+        r["weights_key"] for r in data["records"]
+    ]
+    assert "Lead notes." in report.read_text()

@@ -1,0 +1,151 @@
+"""Shared fixtures: real PostgreSQL and SQLite databases, tiny-model settings, a live app.
+
+Nothing here is mocked: PostgreSQL is the machine's server (``SELFLM_TEST_PG_URL`` or
+``postgresql+psycopg://postgres@127.0.0.1:5432/test``), the app is the real FastAPI app with
+a real (tiny, random) model behind its real batching engine.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from selflm.settings import Settings
+
+PG_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _url_str(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """URL of the test PostgreSQL server's `test` database (skipped if unreachable, not on CI)."""
+    url = os.environ.get("SELFLM_TEST_PG_URL", PG_DEFAULT_URL)
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as e:
+        msg = f"PostgreSQL at {make_url(url).render_as_string()} is unreachable: {e}"
+        if _in_ci():
+            pytest.fail(msg + " (CI is set: a missing database is a failure, not a skip)")
+        pytest.skip(msg)
+    finally:
+        engine.dispose()
+    return url
+
+
+def _create_database(base: URL, name: str) -> tuple[str, Callable[[], None]] | None:
+    """CREATE DATABASE `name` via the server's `postgres` database; None if not permitted."""
+    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except (sa.exc.ProgrammingError, sa.exc.OperationalError):
+        admin.dispose()
+        return None
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            # FORCE ends any connection a failed test left open (PostgreSQL ≥ 13).
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return _url_str(base.set(database=name)), drop
+
+
+def _create_schema(base: URL, name: str) -> tuple[str, Callable[[], None]]:
+    """Fallback without CREATEDB: a private schema in the given database, via search_path."""
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
+
+    def drop() -> None:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+        engine.dispose()
+
+    url = base.update_query_dict({"options": f"-csearch_path={name}"})
+    return _url_str(url), drop
+
+
+@pytest.fixture
+def pg_db_url(pg_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (or schema) for one test, removed afterwards.
+
+    The name is unique per process and call, so parallel runs never share one.
+    """
+    base = make_url(pg_url)
+    name = f"selflm_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    created = _create_database(base, name) or _create_schema(base, name)
+    url, drop = created
+    try:
+        yield url
+    finally:
+        drop()
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'selflm.db'}"
+
+
+# --------------------------------------------------------------------------- settings and app
+
+
+def _tiny_settings(root: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "base_model": "tiny:llama",
+        "checkpoint_dir": str(root / "checkpoints"),
+        "database_url": f"sqlite:///{root / 'selflm.db'}",
+        "device": "cpu",
+        "dtype": "float32",
+        "redis_url": None,
+        "api_keys": "",
+        "embedded_worker": False,
+        "lineage": "default",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_settings() -> Callable[..., Settings]:
+    """Factory: `make_tiny_settings(root, **overrides)` → Settings for a tiny:llama store."""
+    return _tiny_settings
+
+
+@pytest.fixture
+def tiny_settings(tmp_path: Path) -> Settings:
+    return _tiny_settings(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The real app on tiny:llama, started once per module (the lifespan runs: ~10 s)."""
+    from fastapi.testclient import TestClient
+
+    from selflm.app.main import create_app
+
+    settings = _tiny_settings(tmp_path_factory.mktemp("app"))
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
