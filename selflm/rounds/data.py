@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # pydoc topics shorter than this are cross-reference stubs with little text to model.
 PYDOC_MIN_CHARS = 200
+# Rounds, the study and benchmarks split the domain corpus with this seed, so "test" is
+# the same held-out text everywhere.
+SPLIT_SEED = 1234
+EVAL_SAMPLE_SEED = 4321
 _DIR_SUFFIXES = (".txt", ".md")
 
 # A document separator in a plain text file: a line holding only a form feed, or a run of
@@ -285,3 +289,15 @@ def prompts_from(
         rng.shuffle(batch)
         chosen.extend(batch[: n - len(chosen)])
     return [_opening(p, rng.randint(min_words, max_words)) for p in chosen]
+
+
+def eval_sample(docs: Sequence[str], n: int, max_words: int = 160) -> list[str]:
+    """A fixed, seeded sample of `n` passages spread over all documents.
+
+    The first n passages in document order would cover only a few documents; a seeded
+    sample gives every round the same, representative held-out set.
+    """
+    pool = passages(docs, max_words=max_words)
+    if len(pool) <= n:
+        return pool
+    return random.Random(EVAL_SAMPLE_SEED).sample(pool, n)

@@ -26,7 +26,14 @@ from selflm.modeling.loader import load_checkpoint
 from selflm.modeling.store import verify_checkpoint, write_checkpoint
 from selflm.notify import announce
 from selflm.rounds import records
-from selflm.rounds.data import Corpus, load_corpus, passages, prompts_from
+from selflm.rounds.data import (
+    SPLIT_SEED,
+    Corpus,
+    eval_sample,
+    load_corpus,
+    passages,
+    prompts_from,
+)
 from selflm.rounds.decide import decide
 from selflm.rounds.evaluate import per_sample_loss, perplexity
 from selflm.rounds.generate import generate_samples
@@ -148,9 +155,9 @@ class Round:
         verify_checkpoint(Path(champ_path), champ_manifest)
         champion = load_checkpoint(Path(champ_path), pick_device(settings.device), torch.float32)
         model, tok = champion.model, champion.tokenizer
-        corpus = load_corpus(p.corpus, seed=1234)
-        dev_texts = passages(corpus.dev)[: p.eval_passages]
-        test_texts = passages(corpus.test)[: p.eval_passages]
+        corpus = load_corpus(p.corpus, seed=SPLIT_SEED)
+        dev_texts = eval_sample(corpus.dev, p.eval_passages)
+        test_texts = eval_sample(corpus.test, p.eval_passages)
         self.metrics(
             "data",
             {

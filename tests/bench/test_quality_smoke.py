@@ -13,18 +13,42 @@ if str(ROOT) not in sys.path:  # `bench` lives in the checkout, not in the insta
 
 from bench import quality  # noqa: E402
 
+TOPICS = (
+    "assert",
+    "break",
+    "class",
+    "def",
+    "for",
+    "global",
+    "if",
+    "import",
+    "raise",
+    "return",
+    "try",
+    "while",
+    "with",
+    "yield",
+)
 NUMBERS = ("test_ppl", "unrelated_ppl", "distinct_1", "distinct_2", "repetition_rate")
 
 
 def test_quality_smoke(tmp_path: Path) -> None:
     out, report = tmp_path / "out", tmp_path / "docs" / "quality.md"
+    # Short documents keep every passage short, so the smoke run stays in seconds.
+    domain = tmp_path / "domain"
+    domain.mkdir()
+    for i, topic in enumerate(TOPICS):
+        (domain / f"doc{i:02d}.txt").write_text(
+            f"The {topic} statement is part of the language. It is described in this "
+            f"section together with the rules that apply to {topic} in every module. "
+            f"Examples show how {topic} behaves when the program runs."
+        )
     unrelated = tmp_path / "unrelated"
     unrelated.mkdir()
     # Real English prose the study can read on any machine (the default lives on Debian).
     for name, text in {
         "a.txt": "The harbour was quiet in the early morning. Fishing boats rocked gently "
-        "against the pier while gulls circled over the market stalls.\n\n"
-        "By noon the square was crowded with traders selling bread, cheese and fruit.",
+        "against the pier while gulls circled over the market stalls.",
         "b.txt": "Mountains rose steeply behind the village, their peaks still white with "
         "snow in late spring, and shepherds drove their flocks up the winding paths.",
     }.items():
@@ -39,6 +63,8 @@ def test_quality_smoke(tmp_path: Path) -> None:
         "tiny:llama",
         "--device",
         "cpu",
+        "--domain",
+        str(domain),
         "--unrelated",
         str(unrelated),
         "--out",

@@ -1,0 +1,134 @@
+"""Hot-swap benchmark: the largest serving gap while a replica swaps models under load.
+
+Starts one real replica (``selflm serve``, fresh SQLite database, polling every 0.5 s),
+records a second version (v1's weights perturbed slightly) as a candidate, runs C client
+threads of /generate, promotes v2 with ``POST /checkpoints/2/promote`` and keeps the load
+on until after the swap. Reports requests sent and failed, the largest gap between
+consecutive completed responses around the swap (and, as the baseline, before it),
+promotion → first v2 response, promotion → swapped, and the replica's load time.
+
+    .venv/bin/python -m bench.swap --checkpoint-dir data/bench-ck
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import (
+    DEFAULT_MODEL,
+    add_candidate,
+    bench_prompts,
+    default_out,
+    md_table,
+    parse_env,
+    prepare_state,
+    ratio,
+    run_info,
+    run_swap,
+    server_info,
+    setup_logging,
+    start_server,
+    stop_server,
+    swap_summary,
+    warm_up,
+    workdir_for,
+    write_json,
+)
+
+log = logging.getLogger("bench.swap")
+
+TARGET_GAP_MS = 100.0
+
+
+def add_swap_args(ap: argparse.ArgumentParser, name: str) -> None:
+    """Arguments shared by bench.swap and bench.memory."""
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="base model (SELFLM_BASE_MODEL form)")
+    ap.add_argument(
+        "--checkpoint-dir",
+        help="checkpoint store to reuse (the base model is imported there on first use)",
+    )
+    ap.add_argument("--workdir", help="keep database, candidate and server log here")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=32, help="size of the fixed prompt list")
+    ap.add_argument("--pre-s", type=float, default=5.0, help="load before the promotion")
+    ap.add_argument("--post-s", type=float, default=2.0, help="load after the swap")
+    ap.add_argument("--noise", type=float, default=1e-3, help="relative perturbation of v2")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up requests before measuring")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra server environment, e.g. SELFLM_DTYPE=bfloat16 (repeatable)",
+    )
+    ap.add_argument("--out", default=default_out(name))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench.swap", description=__doc__.split("\n\n")[0])
+    add_swap_args(ap, "swap")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    setup_logging()
+    prompts = bench_prompts(args.prompts, args.seed)
+    extra_env = parse_env(args.server_env)
+    results: dict[str, Any] = {
+        "bench": "swap",
+        "model": args.model,
+        "clients": args.clients,
+        "max_new_tokens": args.max_new_tokens,
+        "run": run_info(argv),
+        "server_env": extra_env,
+    }
+    with workdir_for(args.workdir, "selflm-bench-swap-") as workdir:
+        state = prepare_state(args.model, args.checkpoint_dir, workdir)
+        results["checkpoint"] = str(state.base_path)
+        results["candidate"] = str(add_candidate(state, 2, args.noise, args.seed))
+        server = start_server(state, extra_env)
+        try:
+            results["server"] = {"startup_s": server.started_s, **server_info(server)}
+            warm_up(server, prompts, args.warmup)
+            run = run_swap(
+                server, prompts, 2, args.clients, args.max_new_tokens, args.pre_s, args.post_s
+            )
+        finally:
+            stop_server(server)
+            state.db.dispose()
+    summary = swap_summary(run)
+    summary["gap_vs_steady"] = ratio(summary["largest_gap_ms"], summary["steady_largest_gap_ms"])
+    results.update(summary)
+    log.info("swap: %s", summary)
+
+    s = summary
+    rows = [
+        ["requests sent", s["requests"], ""],
+        ["failed", s["failed"], "0"],
+        ["largest gap around the swap (ms)", s["largest_gap_ms"], f"≤ {TARGET_GAP_MS:.0f}"],
+        ["largest gap before the swap, steady (ms)", s["steady_largest_gap_ms"], "baseline"],
+        ["swap gap ÷ steady gap", s["gap_vs_steady"], ""],
+        ["promotion → first v2 response (ms)", s["promote_to_first_v2_response_ms"] or "-", ""],
+        ["promotion → serving v2 (ms)", s["promote_to_swapped_ms"], ""],
+        ["replica load time (s)", s["load_seconds"] if s["load_seconds"] is not None else "-", ""],
+    ]
+    srv = results["server"]
+    print(
+        f"\n### Hot swap under load ({args.model}, {srv.get('model_dtype')}, "
+        f"{args.clients} clients, max_new_tokens {args.max_new_tokens})\n"
+    )
+    print(md_table(["metric", "value", "target"], rows))
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
