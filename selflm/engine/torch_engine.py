@@ -75,6 +75,7 @@ class TorchEngine:
         self._thread.start()
         self.batches = 0
         self.requests = 0
+        self.generated_tokens = 0
 
     # -- model lifecycle -------------------------------------------------------------
     def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> LoadedModel:
@@ -118,6 +119,9 @@ class TorchEngine:
             "serving_version": info.version if info else None,
             "batcher_alive": self._thread.is_alive(),
             "queue_depth": self._queue.qsize(),
+            "batches_total": self.batches,
+            "requests_total": self.requests,
+            "generated_tokens_total": self.generated_tokens,
         }
 
     # -- requests --------------------------------------------------------------------
@@ -235,6 +239,7 @@ class TorchEngine:
                 continue
             self.batches += 1
             self.requests += len(batch)
+            self.generated_tokens += sum(len(p.row.generated) for p in batch)
             for p in batch:
                 r = p.row
                 assert r.finish_reason is not None
