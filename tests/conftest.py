@@ -85,12 +85,7 @@ def _create_schema(base: URL, name: str) -> tuple[str, Callable[[], None]]:
     return _url_str(url), drop
 
 
-@pytest.fixture
-def pg_db_url(pg_url: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database (or schema) for one test, removed afterwards.
-
-    The name is unique per process and call, so parallel runs never share one.
-    """
+def _fresh_pg(pg_url: str) -> Iterator[str]:
     base = make_url(pg_url)
     name = f"selflm_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
     created = _create_database(base, name) or _create_schema(base, name)
@@ -99,6 +94,21 @@ def pg_db_url(pg_url: str) -> Iterator[str]:
         yield url
     finally:
         drop()
+
+
+@pytest.fixture
+def pg_db_url(pg_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (or schema) for one test, removed afterwards.
+
+    The name is unique per process and call, so parallel runs never share one.
+    """
+    yield from _fresh_pg(pg_url)
+
+
+@pytest.fixture(scope="module")
+def pg_module_db_url(pg_url: str) -> Iterator[str]:
+    """Like `pg_db_url`, shared by the tests of one module (those that start servers)."""
+    yield from _fresh_pg(pg_url)
 
 
 # --------------------------------------------------------------------------- SQLite

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from selflm.checkpoints import ensure_base_checkpoint, promote
 from selflm.db.models import Checkpoint
@@ -40,23 +39,6 @@ class Replica:
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
-
-
-@pytest.fixture(scope="module")
-def pg_module_url(pg_url: str) -> Iterator[str]:
-    import uuid
-
-    name = f"selflm_swap_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    base = make_url(pg_url)
-    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def start_replica(tmp: Path, env: dict[str, str], name: str) -> Replica:
@@ -86,11 +68,11 @@ def start_replica(tmp: Path, env: dict[str, str], name: str) -> Replica:
 
 @pytest.fixture(scope="module")
 def cluster(
-    tmp_path_factory: pytest.TempPathFactory, pg_module_url: str
+    tmp_path_factory: pytest.TempPathFactory, pg_module_db_url: str
 ) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("swap")
     settings = Settings(
-        database_url=pg_module_url,
+        database_url=pg_module_db_url,
         checkpoint_dir=str(tmp / "ck"),
         base_model="tiny:llama",
         embedded_worker=False,

@@ -20,9 +20,7 @@ def test_metrics_prometheus(client: TestClient) -> None:
         client.get("/metrics", headers={"accept": "text/plain"}),
     ):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-        lines = dict(
-            line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line[0] == "#"
-        )
+        lines = dict(line.rsplit(" ", 1) for line in r.text.splitlines() if line and line[0] != "#")
         assert lines["selflm_serving_version"] == "1.0"
         assert lines["selflm_champion_version"] == "1.0"
         assert float(lines["selflm_requests_total"]) >= 1

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from selflm.app.main import create_app
 from selflm.db.models import Checkpoint, RoundMetric
@@ -23,9 +22,6 @@ from selflm.rounds.pipeline import run_round
 from selflm.settings import Settings
 from selflm.worker.client import enqueue_round, make_client
 
-PG_ADMIN = os.environ.get(
-    "SELFLM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 REDIS = os.environ.get("SELFLM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 # Small but real: every stage runs, in seconds, on the tiny model.
@@ -54,28 +50,15 @@ BETTER = {
 
 
 @pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    name = f"selflm_rounds_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator[dict[str, Any]]:
+def env(
+    tmp_path_factory: pytest.TempPathFactory, pg_module_db_url: str
+) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("rounds")
     db_index = 11
     broker = f"{REDIS}/{db_index}"
     redis.Redis.from_url(broker).flushdb()
     settings = Settings(
-        database_url=pg_database,
+        database_url=pg_module_db_url,
         broker_url=broker,
         redis_url=f"{REDIS}/{db_index}",
         checkpoint_dir=str(tmp / "checkpoints"),
@@ -104,7 +87,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator[
             yield {
                 "client": client,
                 "settings": settings,
-                "db": Database(pg_database),
+                "db": Database(pg_module_db_url),
                 "log": tmp / "worker.log",
             }
         finally:
