@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0)
     max_queue: int = Field(default=256, ge=1)
+    # New requests join a running batch between decoding steps (off: static batches).
+    continuous_batching: bool = True
     record_prompts: bool = False
 
     # Hot swap: how often a replica polls the champion pointer (seconds).

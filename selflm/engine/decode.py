@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from selflm.engine.interface import FinishReason, SamplingParams, TokenInfo
 from selflm.engine.sampling import apply_repetition_penalty, choose_next
@@ -84,14 +85,44 @@ def _finish(row: Row, tokenizer: Any, reason: FinishReason) -> None:
         row.text = tokenizer.decode(row.generated, skip_special_tokens=True)
 
 
-@torch.inference_mode()
-def decode_batch(model: Any, tokenizer: Any, rows: list[Row], pad_id: int | None = None) -> None:
-    """Generate for every row in place until each has a finish_reason."""
-    if not rows:
-        return
-    device = next(model.parameters()).device
-    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
-    stops = eos_ids(model, tokenizer)
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def can_join(cache: DynamicCache) -> bool:
+    """Rows can join a running batch only with plain per-layer caches (no sliding window)."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _merge(
+    cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
+) -> torch.Tensor:
+    """Append `other`'s rows to `cache` (in place); returns the merged attention mask.
+
+    Both are left-padded to the longer length; padded positions are masked out, and
+    positions come from the mask, so every row keeps its own positions.
+    """
+    width = max(mask.shape[1], other_mask.shape[1])
+    for layer, new in zip(cache.layers, other.layers, strict=True):
+        # can_join() checked these are DynamicLayer: plain key/value tensors.
+        assert isinstance(layer, DynamicLayer) and isinstance(new, DynamicLayer)
+        assert layer.keys is not None and layer.values is not None
+        assert new.keys is not None and new.values is not None
+        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(new.keys, width, 2)])
+        layer.values = torch.cat(
+            [_left_pad(layer.values, width, 2), _left_pad(new.values, width, 2)]
+        )
+    return torch.cat([_left_pad(mask, width, 1), _left_pad(other_mask, width, 1)])
+
+
+def _prefill(
+    model: Any, rows: list[Row], pad: int, device: torch.device
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
     width = max(len(r.prompt_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -104,51 +135,103 @@ def decode_batch(model: Any, tokenizer: Any, rows: list[Row], pad_id: int | None
     cache_kw, has_keep = forward_kwargs(model)
     extra: dict[str, Any] = {cache_kw: cache, "use_cache": True}
     if has_keep:
-        extra["logits_to_keep"] = 1
+        extra["logits_to_keep"] = 1  # only the last position's logits are needed
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra)
-    logits = out.logits[:, -1, :]
-    active = list(range(len(rows)))  # indices into `rows` of the rows still in the batch
+    return cache, mask, out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def decode_batch(
+    model: Any,
+    tokenizer: Any,
+    rows: list[Row],
+    pad_id: int | None = None,
+    admit: Callable[[int], list[Row]] | None = None,
+    on_finish: Callable[[Row], None] | None = None,
+    max_rows: int | None = None,
+) -> None:
+    """Generate for every row in place until each has a finish_reason.
+
+    `on_finish(row)` is called the moment a row finishes, so its caller is answered without
+    waiting for the rest of the batch. `admit(n)` is asked between steps for up to `n` new
+    rows to join the running batch (continuous batching), keeping at most `max_rows`
+    (default: the initial number of rows) in flight; it may return none.
+    """
+    if not rows:
+        return
+    device = next(model.parameters()).device
+    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
+    stops = eos_ids(model, tokenizer)
+    cache_kw, _ = forward_kwargs(model)
+    cache, mask, logits = _prefill(model, rows, pad, device)
+    joinable = admit is not None and can_join(cache)
+    active = list(rows)
     seen = [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in rows]
+    max_rows = max_rows or len(rows)
+
+    def done(r: Row, reason: FinishReason | None = None) -> None:
+        if reason is not None:
+            _finish(r, tokenizer, reason)
+        if on_finish is not None:
+            on_finish(r)
+
     while active:
-        live = [rows[i] for i in active]
-        penalties = [r.params.repetition_penalty for r in live]
+        penalties = [r.params.repetition_penalty for r in active]
         if any(p not in (None, 1.0) for p in penalties):
             logits = logits.float().clone()
-            apply_repetition_penalty(logits, [seen[i] for i in active], penalties)
-        chosen, lp = choose_next(logits, [r.params for r in live], [r.generator for r in live])
+            apply_repetition_penalty(logits, seen, penalties)
+        chosen, lp = choose_next(logits, [r.params for r in active], [r.generator for r in active])
         chosen_list = chosen.tolist()
         lp_list = lp.tolist()
         keep: list[int] = []
-        for j, i in enumerate(active):
-            r = rows[i]
+        for j, r in enumerate(active):
             tok = int(chosen_list[j])
             if tok in stops:
-                _finish(r, tokenizer, "eos_token")
+                done(r, "eos_token")
                 continue
             r.generated.append(tok)
             r.logprobs.append(float(lp_list[j]))
             if r.on_token is not None:
                 r.on_token(tok, float(lp_list[j]))
             if r.params.repetition_penalty not in (None, 1.0):
-                seen[i] = torch.cat([seen[i], chosen[j : j + 1]])
+                seen[j] = torch.cat([seen[j], chosen[j : j + 1]])
             if r.params.stop and _check_stop(r, tokenizer):
                 r.finish_reason = "stop_sequence"
+                done(r)
             elif len(r.generated) >= r.params.max_new_tokens:
-                _finish(r, tokenizer, "length")
+                done(r, "length")
             else:
                 keep.append(j)
-        if not keep:
-            break
         if len(keep) < len(active):
-            idx = torch.tensor(keep, device=device)
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
             cache.batch_select_indices(idx)
-            mask = mask[idx]
-            chosen = chosen[idx]
+            mask, chosen = mask[idx], chosen[idx]
             active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, **extra)
-        logits = out.logits[:, -1, :]
+            seen = [seen[j] for j in keep]
+        newcomers = admit(max_rows - len(active)) if joinable and admit is not None else []
+        if not active and not newcomers:
+            break
+        if active:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            positions = mask.sum(-1, keepdim=True) - 1
+            out = model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            logits = out.logits[:, -1, :]
+        if newcomers:
+            # Prefill the newcomers on their own, then append them to the running batch.
+            new_cache, new_mask, new_logits = _prefill(model, newcomers, pad, device)
+            if active:
+                mask = _merge(cache, mask, new_cache, new_mask)
+                logits = torch.cat([logits, new_logits])
+            else:
+                cache, mask, logits = new_cache, new_mask, new_logits
+            active += newcomers
+            seen += [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in newcomers]
 
 
 def token_details(row: Row, tokenizer: Any) -> list[TokenInfo]:

@@ -222,35 +222,65 @@ class TorchEngine:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             batch = self._collect()
-            if not batch:
-                continue
             batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            cur = self._current  # one read: the whole batch runs on this model
-            try:
-                if cur is None:
-                    raise EngineNotReadyError("no model loaded yet")
-                decode_batch(cur.model, cur.tokenizer, [p.row for p in batch])
-            except Exception as e:  # a failed batch fails its requests, not the thread
-                log.exception("batch of %d failed", len(batch))
-                for p in batch:
-                    p.future.set_exception(e)
-                continue
-            self.batches += 1
-            self.requests += len(batch)
-            self.generated_tokens += sum(len(p.row.generated) for p in batch)
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        cur = self._current  # one read: every row of this batch runs on this model
+        if cur is None:
             for p in batch:
-                r = p.row
-                assert r.finish_reason is not None
-                p.future.set_result(
-                    GenerationResult(
-                        text=r.text,
-                        finish_reason=r.finish_reason,
-                        generated_tokens=len(r.generated),
-                        seed=r.seed,
-                        model_version=cur.info.version,
-                        prompt_tokens=len(r.prompt_ids),
-                        tokens=token_details(r, cur.tokenizer) if r.want_tokens else [],
-                    )
+                p.future.set_exception(EngineNotReadyError("no model loaded yet"))
+            return
+        in_flight = {id(p.row): p for p in batch}
+
+        def admit(room: int) -> list[Row]:
+            # After a swap the batch only drains: new rows start on the new model.
+            if self._current is not cur or self._stop.is_set():
+                return []
+            joined: list[Row] = []
+            while len(joined) < room:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._stop.set()
+                    break
+                if item.future.set_running_or_notify_cancel():
+                    in_flight[id(item.row)] = item
+                    joined.append(item.row)
+            self.requests += len(joined)
+            return joined
+
+        def on_finish(row: Row) -> None:
+            p = in_flight.pop(id(row))
+            assert row.finish_reason is not None and cur is not None
+            self.generated_tokens += len(row.generated)
+            p.future.set_result(
+                GenerationResult(
+                    text=row.text,
+                    finish_reason=row.finish_reason,
+                    generated_tokens=len(row.generated),
+                    seed=row.seed,
+                    model_version=cur.info.version,
+                    prompt_tokens=len(row.prompt_ids),
+                    tokens=token_details(row, cur.tokenizer) if row.want_tokens else [],
                 )
+            )
+
+        self.batches += 1
+        self.requests += len(batch)
+        try:
+            decode_batch(
+                cur.model,
+                cur.tokenizer,
+                [p.row for p in batch],
+                admit=admit if self.settings.continuous_batching else None,
+                on_finish=on_finish,
+                max_rows=self.settings.max_batch_size,
+            )
+        except Exception as e:  # a failed batch fails its requests, not the thread
+            log.exception("batch of %d failed", len(in_flight))
+            for p in in_flight.values():
+                p.future.set_exception(e)
