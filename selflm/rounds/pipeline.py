@@ -35,7 +35,7 @@ from selflm.rounds.data import (
     prompts_from,
 )
 from selflm.rounds.decide import decide
-from selflm.rounds.evaluate import per_sample_loss, perplexity
+from selflm.rounds.evaluate import encode_texts, per_sample_loss, perplexity
 from selflm.rounds.generate import generate_samples
 from selflm.rounds.metastep import meta_step, state_copy
 from selflm.rounds.params import RoundParams
@@ -156,8 +156,9 @@ class Round:
         champion = load_checkpoint(Path(champ_path), pick_device(settings.device), torch.float32)
         model, tok = champion.model, champion.tokenizer
         corpus = load_corpus(p.corpus, seed=SPLIT_SEED)
-        dev_texts = eval_sample(corpus.dev, p.eval_passages)
-        test_texts = eval_sample(corpus.test, p.eval_passages)
+        # Tokenised once here; every perplexity below scores these ids.
+        dev_texts = encode_texts(tok, eval_sample(corpus.dev, p.eval_passages))
+        test_texts = encode_texts(tok, eval_sample(corpus.test, p.eval_passages))
         self.metrics(
             "data",
             {
@@ -197,7 +198,11 @@ class Round:
 
         # select
         t = self.enter("select")
-        samples = [Sample(text=g.text, prompt=g.prompt) for g in gen.samples]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        samples = [
+            Sample(text=g.text, prompt=g.prompt, token_ids=tuple(bos + g.prompt_ids + g.ids))
+            for g in gen.samples
+        ]
         n_filtered = n_exact = n_near = 0
         if p.filters:
             cfg = FilterConfig(
@@ -211,12 +216,12 @@ class Round:
             losses = per_sample_loss(
                 model,
                 tok,
-                [s.prompt + s.text for s in samples],
+                [list(s.token_ids) for s in samples],
                 batch_size=p.batch_size,
                 max_length=p.max_length,
             )
             samples = [
-                Sample(text=s.text, prompt=s.prompt, loss=lo)
+                Sample(text=s.text, prompt=s.prompt, loss=lo, token_ids=s.token_ids)
                 for s, lo in zip(samples, losses, strict=True)
             ]
         chosen = pick(samples, p.train_size + p.valid_size, p.strategy, self.rng)
@@ -224,8 +229,9 @@ class Round:
             raise RuntimeError(f"only {len(chosen)} usable samples after selection")
         valid_fraction = p.valid_size / (p.train_size + p.valid_size)
         train_s, valid_s = split_train_valid(chosen, valid_fraction, self.rng)
-        train_texts = [s.prompt + s.text for s in train_s]
-        valid_texts = [s.prompt + s.text for s in valid_s]
+        # The ids as generated (BOS + prompt + continuation): nothing is re-tokenised.
+        train_texts = [list(s.token_ids) for s in train_s]
+        valid_texts = [list(s.token_ids) for s in valid_s]
         self.metrics(
             "select",
             {
@@ -353,23 +359,22 @@ class Round:
         self.leave("decide", t)
         return RoundOutcome("promoted" if verdict.promote else "rejected", verdict.reason, version)
 
-    def _replay(self, corpus: Corpus, tok: Any, train_texts: list[str]) -> list[str]:
-        """Real train-split passages until they make `replay_fraction` of the tokens."""
+    def _replay(self, corpus: Corpus, tok: Any, train_ids: list[list[int]]) -> list[list[int]]:
+        """Real train-split passages (as ids) until they make `replay_fraction` of the tokens."""
         frac = self.p.replay_fraction
         if frac <= 0:
             return []
-        synth = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in train_texts)
+        synth = sum(len(x) for x in train_ids)
         target = synth * frac / (1 - frac)
         pool = passages(corpus.train)
         self.rng.shuffle(pool)
-        out: list[str] = []
+        out: list[list[int]] = []
         got = 0
-        for text in pool:
+        for ids in encode_texts(tok, pool):
             if got >= target:
                 break
-            n = min(len(tok(text, add_special_tokens=False)["input_ids"]), self.p.max_length)
-            out.append(text)
-            got += n
+            out.append(ids[: self.p.max_length])
+            got += len(out[-1])
         self.metrics(
             "update",
             {

@@ -44,6 +44,8 @@ class Sample:
     text: str
     prompt: str = ""
     loss: float | None = None
+    # BOS + prompt + continuation ids as generated, so later stages need not re-tokenise.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
