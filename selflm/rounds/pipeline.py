@@ -281,15 +281,17 @@ class Round:
         # evaluate (champion once; candidate after the meta-step)
         t = self.enter("evaluate")
         bs, ml = p.batch_size, p.max_length
-        champ_valid = perplexity(model, tok, valid_texts, bs, ml).ppl
-        champ_dev = perplexity(model, tok, dev_texts, bs, ml).ppl
-        champ_test = perplexity(model, tok, test_texts, bs, ml).ppl
+        scored = [perplexity(model, tok, x, bs, ml) for x in (valid_texts, dev_texts, test_texts)]
+        champ_valid, champ_dev, champ_test = (x.ppl for x in scored)
+        scored_tokens = sum(x.tokens for x in scored)
         self.metrics(
             "evaluate",
             {
                 "champion_valid_ppl": champ_valid,
                 "champion_dev_ppl": champ_dev,
                 "champion_test_ppl": champ_test,
+                "tokens_scored": scored_tokens,
+                "tokens_per_s": scored_tokens / max(1e-9, time.perf_counter() - t),
             },
         )
         self.leave("evaluate", t)
