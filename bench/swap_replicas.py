@@ -75,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     if not swapped[i] and health(s).get("serving_version") == 2:
                         swapped[i] = time.monotonic()
                 time.sleep(0.05)
+            # Keep the load on until every replica has answered from v2 (then post_s more).
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not all(
+                any(o.version == 2 for o in list(load.results)) for load in loads
+            ):
+                time.sleep(0.1)
             time.sleep(args.post_s)
             for load in loads:
                 load.__exit__()
