@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=256, ge=1)
     # New requests join a running batch between decoding steps (off: static batches).
     continuous_batching: bool = True
+    # Intra-op threads for torch (0: torch's default, one per core). With several replicas
+    # on one host give each cores/replicas: oversubscribed OpenMP threads spin and stall.
+    torch_threads: int = Field(default=0, ge=0)
     record_prompts: bool = False
 
     # Hot swap: how often a replica polls the champion pointer (seconds).

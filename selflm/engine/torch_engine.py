@@ -65,6 +65,8 @@ def context_length(config: Any) -> int:
 class TorchEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self._current: LoadedModel | None = None
