@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
+import fcntl
 import json
 import logging
 import math
@@ -249,12 +249,6 @@ def build_eval_sets(domain: str | None, unrelated: str, cfg: MeasureConfig) -> E
     return EvalSets(test=test, unrelated=unrel, prompts=prompts, info=info)
 
 
-def weights_key(manifest: dict[str, Any]) -> str:
-    """A digest of the checkpoint's files: equal keys mean identical weights and tokenizer."""
-    files = manifest.get("files", {})
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def measure(path: Path, device_name: str, sets: EvalSets, cfg: MeasureConfig) -> dict[str, Any]:
     import torch
 
@@ -336,11 +330,17 @@ def _json_safe(value: Any) -> Any:
 
 
 class Results:
-    """``{"meta": {...}, "records": [...]}`` kept in memory and rewritten after each record."""
+    """``{"meta": {...}, "records": [...]}`` kept in memory and rewritten after each record.
+
+    Several study processes may share one results directory, each running its own arms (on a
+    multi-core machine, one process per core pair): a save holds a lock, re-reads the file and
+    keeps the other processes' arms as they are on disk.
+    """
 
     def __init__(self, out: Path, data: dict[str, Any]) -> None:
         self.out = out
         self.data = data
+        self.owned: set[str] = set()  # the arms this process runs; others come from disk
 
     @property
     def json_path(self) -> Path:
@@ -384,7 +384,31 @@ class Results:
         self.records.append(record)
         self.save()
 
+    def _merge_from_disk(self) -> None:
+        if not self.json_path.exists():
+            return
+        disk = json.loads(self.json_path.read_text())
+        theirs = [r for r in disk.get("records", []) if r["arm"] not in self.owned]
+        mine = [r for r in self.records if r["arm"] in self.owned]
+        self.data["records"] = theirs + mine
+        dmeta = disk.get("meta", {})
+        order = [*dmeta.get("arm_order", []), *self.meta.get("arm_order", [])]
+        arms = {
+            **{k: v for k, v in dmeta.get("arms", {}).items() if k not in self.owned},
+            **{k: v for k, v in self.meta.get("arms", {}).items() if k in self.owned},
+        }
+        self.meta["arm_order"] = list(dict.fromkeys(order))
+        self.meta["arms"] = arms
+        self.meta["rounds"] = max(int(dmeta.get("rounds", 0) or 0), int(self.meta.get("rounds", 0)))
+
     def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._merge_from_disk()
+            self._write()
+
+    def _write(self) -> None:
         arm_order = {a: i for i, a in enumerate(self.meta.get("arm_order", []))}
         self.records.sort(
             key=lambda r: (arm_order.get(r["arm"], len(arm_order)), r["arm"], r["round"])
@@ -591,6 +615,8 @@ class Study:
     cache: dict[str, dict[str, Any]]
 
     def measured(self, path: Path, manifest: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+        from selflm.rounds.diversity_gate import weights_key
+
         key = weights_key(manifest)
         if key in self.cache:
             return key, dict(self.cache[key]), False
@@ -786,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{results.json_path} holds a study with other settings "
             f"({_comparable(results.meta)}); use another --out or remove it"
         )
+    results.owned = set(arms)
     if not args.resume:
         for arm in arms:
             results.drop_arm(arm)

@@ -27,7 +27,7 @@ class RoundParams(BaseModel):
     strategy: Literal["random", "diversity", "difficulty"] = "diversity"
     filters: bool = True
     min_words: int = Field(default=8, ge=1)
-    max_repetition: float = Field(default=0.5, gt=0, le=1)
+    max_repetition: float = Field(default=0.2, gt=0, le=1)
     dedup_threshold: float = Field(default=0.7, gt=0, le=1)
     train_size: int = Field(default=32, ge=1, le=10000)
     valid_size: int = Field(default=8, ge=1, le=10000)
@@ -40,13 +40,14 @@ class RoundParams(BaseModel):
     # evaluate
     corpus: str | None = Field(default=None, description="domain corpus; default pydoc topics")
     eval_passages: int = Field(default=32, ge=1, le=5000)
-    diversity_prompts: int = Field(default=8, ge=1, le=256)
+    diversity_prompts: int = Field(default=24, ge=1, le=256)
     # meta-step and decide
     meta_step: bool = True
     epsilon_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
     gate: Literal["dev", "generated"] = "dev"
     promotion_margin: float = Field(default=0.005, ge=0, lt=1)
-    diversity_tolerance: float = Field(default=0.05, ge=0, le=1)
+    diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # absolute, vs the parent
+    base_diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # relative, vs the base
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")

@@ -34,14 +34,15 @@ from selflm.rounds.data import (
     passages,
     prompts_from,
 )
-from selflm.rounds.decide import decide
+from selflm.rounds.decide import DiversityCheck, decide
+from selflm.rounds.diversity_gate import DiversityCache, Probe, lineage_root, weights_key
 from selflm.rounds.evaluate import encode_texts, per_sample_loss, perplexity
 from selflm.rounds.generate import generate_samples
 from selflm.rounds.metastep import meta_step, state_copy
 from selflm.rounds.params import RoundParams
 from selflm.rounds.select import FilterConfig, Sample, dedup, filter_degenerate, split_train_valid
 from selflm.rounds.select import select as pick
-from selflm.rounds.textstats import DiversityStats, diversity
+from selflm.rounds.textstats import DiversityStats
 from selflm.rounds.update import EpochStats, TrainConfig, finetune
 from selflm.settings import Settings
 
@@ -98,6 +99,7 @@ class Round:
         self.settings, self.db, self.id, self.p = settings, db, round_id, params
         self.rng = random.Random(params.seed)
         self.timings: dict[str, float] = {}
+        self._div_cache = DiversityCache(Path(settings.checkpoint_dir) / settings.lineage)
 
     # -- bookkeeping -------------------------------------------------------------------
     def metrics(self, stage: str, values: dict[str, float], step: int | None = None) -> None:
@@ -317,47 +319,29 @@ class Round:
             else perplexity(candidate, tok, dev_texts, bs, ml).ppl
         )
         cand_test = perplexity(candidate, tok, test_texts, bs, ml).ppl
-        div_prompts = prompts_from(corpus.train, p.diversity_prompts, random.Random(p.seed + 1))
-        champ_div = self._diversity(model, tok, div_prompts)
-        cand_div = self._diversity(candidate, tok, div_prompts)
+        div = self._diversity_check(model, candidate, tok, corpus, champ_manifest)
         self.metrics(
             "evaluate",
             {
                 "candidate_valid_ppl": cand_valid,
                 "candidate_dev_ppl": cand_dev,
                 "candidate_test_ppl": cand_test,
-                "champion_distinct_1": champ_div.distinct_1,
-                "champion_distinct_2": champ_div.distinct_2,
-                "champion_repetition_rate": champ_div.repetition_rate,
-                "candidate_distinct_1": cand_div.distinct_1,
-                "candidate_distinct_2": cand_div.distinct_2,
-                "candidate_repetition_rate": cand_div.repetition_rate,
+                **_div_metrics("champion", div.parent),
+                **_div_metrics("candidate", div.candidate),
+                **(_div_metrics("base", div.base) if div.base else {}),
             },
         )
         if p.gate == "dev":
-            verdict = decide(
-                "dev",
-                champ_dev,
-                cand_dev,
-                p.promotion_margin,
-                champ_div,
-                cand_div,
-                p.diversity_tolerance,
-            )
+            verdict = decide("dev", champ_dev, cand_dev, p.promotion_margin, div)
         else:  # the reference loop: its own generated valid split, no diversity check
-            verdict = decide(
-                "generated-valid",
-                champ_valid,
-                cand_valid,
-                p.promotion_margin,
-                None,
-                None,
-                p.diversity_tolerance,
-            )
+            verdict = decide("generated-valid", champ_valid, cand_valid, p.promotion_margin, None)
         self.metrics(
             "decide", {"improvement": verdict.improvement, "promoted": float(verdict.promote)}
         )
-        version = self._promote(candidate, tok, base_version) if verdict.promote else None
+        version = None
+        if verdict.promote:
+            version, manifest = self._promote(candidate, tok, base_version)
+            self._div_cache.put(manifest, self._probe(corpus), div.candidate)
         self.leave("decide", t)
         return RoundOutcome("promoted" if verdict.promote else "rejected", verdict.reason, version)
 
@@ -387,21 +371,47 @@ class Round:
         )
         return out
 
-    def _diversity(self, model: Any, tok: Any, prompts: list[str]) -> DiversityStats:
-        g = generate_samples(
-            model,
-            tok,
-            prompts,
-            1,
-            self.p.max_new_tokens,
-            self.p.temperature,
-            self.p.top_p,
-            self.p.seed + 7,
-            self.p.generate_batch_size,
+    def _probe(self, corpus: Corpus) -> Probe:
+        p = self.p
+        return Probe.from_train(
+            corpus.train,
+            p.diversity_prompts,
+            p.max_new_tokens,
+            p.temperature,
+            p.top_p,
+            p.generate_batch_size,
         )
-        return diversity([s.text for s in g.samples])
 
-    def _promote(self, candidate: Any, tok: Any, parent: int) -> int:
+    def _diversity_check(
+        self, model: Any, candidate: Any, tok: Any, corpus: Corpus, manifest: dict[str, Any]
+    ) -> DiversityCheck:
+        """Parent, lineage base and candidate on one fixed probe; parent and base cached."""
+        probe, cache = self._probe(corpus), self._div_cache
+        parent = cache.measure(model, tok, manifest, probe)
+        base: DiversityStats | None = None
+        root = lineage_root(self.db, self.settings.lineage)
+        if root is not None and weights_key(root.manifest) == weights_key(manifest):
+            base = parent
+        elif root is not None:
+            base = cache.get(root.manifest, probe)
+            if base is None:
+                try:
+                    verify_checkpoint(Path(root.path), root.manifest)
+                    loaded = load_checkpoint(Path(root.path), model.device, torch.float32)
+                except Exception as e:  # the base's files are gone: check the parent only
+                    log.warning("round %d: base v%d unusable (%s)", self.id, root.version, e)
+                else:
+                    base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe)
+                    del loaded
+        return DiversityCheck(
+            parent=parent,
+            candidate=probe.run(candidate, tok),
+            tolerance=self.p.diversity_tolerance,
+            base=base,
+            base_tolerance=self.p.base_diversity_tolerance,
+        )
+
+    def _promote(self, candidate: Any, tok: Any, parent: int) -> tuple[int, dict[str, Any]]:
         """Write atomically, record, move the champion pointer in one transaction, announce."""
         lineage = self.settings.lineage
         with self.db.session() as s:
@@ -442,7 +452,15 @@ class Round:
             s.execute(records.update_stmt(self.id, candidate_version=version))
         announce(self.settings.redis_url, lineage, version)
         log.info("round %d promoted v%d (parent v%d)", self.id, version, parent)
-        return version
+        return version, stored.manifest
+
+
+def _div_metrics(who: str, d: DiversityStats) -> dict[str, float]:
+    return {
+        f"{who}_distinct_1": d.distinct_1,
+        f"{who}_distinct_2": d.distinct_2,
+        f"{who}_repetition_rate": d.repetition_rate,
+    }
 
 
 def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome | None:

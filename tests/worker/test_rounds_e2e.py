@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,7 @@ BETTER = {
     "learning_rate": 3e-3,
     "epochs": 2,
     "diversity_tolerance": 1.0,
+    "base_diversity_tolerance": 1.0,
 }
 
 
@@ -176,6 +178,17 @@ def test_round_that_does_not_beat_the_margin_is_rejected(env: dict[str, Any]) ->
     assert f"{ev['champion_dev_ppl']:.4f}" in body["reason"]
     assert body["candidate_version"] is None
     assert champion(env) == before
+    # Diversity is gated against the lineage base (v1) as well as the parent, on one fixed
+    # probe whose numbers are cached per checkpoint: the parent's numbers are exactly what the
+    # round that promoted it measured for its candidate.
+    assert before > 1 and 0 < ev["base_distinct_2"] <= 1
+    rounds = env["client"].get("/update-rounds", params={"limit": 100}).json()
+    producer = next(r for r in rounds["items"] if r["candidate_version"] == before)
+    prev = env["client"].get(f"/update-rounds/{producer['id']}").json()["metrics"]["evaluate"]
+    for k in ("distinct_1", "distinct_2", "repetition_rate"):
+        assert ev[f"champion_{k}"] == pytest.approx(prev[f"candidate_{k}"]), k
+    cache = Path(env["settings"].checkpoint_dir, "default", "diversity.json")
+    assert len(json.loads(cache.read_text())) >= 2  # the base and the current champion
 
 
 def test_second_round_while_one_is_active_gets_409(env: dict[str, Any]) -> None:

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from selflm.modeling.loader import tiny_model
+from selflm.rounds.decide import DiversityCheck, decide
+from selflm.rounds.diversity_gate import DiversityCache, Probe, weights_key
+from selflm.rounds.textstats import DiversityStats
+
+BASE = DiversityStats(distinct_1=0.3, distinct_2=0.75, repetition_rate=0.06)
+
+
+def stats(d2: float, rep: float) -> DiversityStats:
+    return DiversityStats(distinct_1=0.3, distinct_2=d2, repetition_rate=rep)
+
+
+def check(parent: DiversityStats, cand: DiversityStats, base: DiversityStats | None = BASE):
+    return DiversityCheck(parent=parent, candidate=cand, tolerance=0.05, base=base)
+
+
+def test_margin_decides_first() -> None:
+    d = decide("dev", 20.0, 19.95, 0.005, None)
+    assert not d.promote and d.improvement == pytest.approx(0.0025)
+    assert "20.0000 -> 19.9500" in d.reason
+    assert decide("dev", 20.0, 19.0, 0.005, None).promote
+
+
+def test_candidate_within_both_tolerances_is_promoted() -> None:
+    d = decide("dev", 20.0, 19.0, 0.005, check(stats(0.74, 0.07), stats(0.73, 0.065)))
+    assert d.promote, d.reason
+    assert "base 0.750 / 0.060" in d.reason
+
+
+def test_drift_within_the_parent_tolerance_is_caught_against_the_base() -> None:
+    # Each step is within 0.05 of the parent, but the sum has left the base's 5% band.
+    parent = stats(0.72, 0.09)
+    cand = stats(0.70, 0.10)
+    assert decide("dev", 20.0, 19.0, 0.005, check(parent, cand, base=None)).promote
+    d = decide("dev", 20.0, 19.0, 0.005, check(parent, cand))
+    assert not d.promote
+    assert "below the base's" in d.reason and "above the base's" in d.reason
+
+
+def test_repetition_near_zero_gets_an_absolute_floor() -> None:
+    base = stats(0.75, 0.0)
+    assert decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.009), base=base)).promote
+    assert not decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.011), base=base)).promote
+
+
+def test_sudden_drop_against_the_parent_is_rejected() -> None:
+    d = decide("dev", 20.0, 19.0, 0.0, check(stats(0.90, 0.0), stats(0.80, 0.0)))
+    assert not d.promote and "below the parent's" in d.reason
+
+
+def test_probe_is_fixed_and_cache_is_keyed_by_weights(tmp_path: Path) -> None:
+    train = [f"Document {i} about the for statement and loops in Python." for i in range(20)]
+    a = Probe.from_train(train, 4, 6, 0.8, 0.95, 4)
+    b = Probe.from_train(train, 4, 6, 0.8, 0.95, 2)
+    assert a.prompts == b.prompts and a.key() == b.key()  # batch size does not change numbers
+    assert Probe.from_train(train, 4, 8, 0.8, 0.95, 4).key() != a.key()
+
+    loaded = tiny_model("llama", seed=0)
+    model, tok = loaded.model, loaded.tokenizer
+    first = a.run(model, tok)
+    assert first == b.run(model, tok)  # deterministic whatever the batch size
+
+    cache = DiversityCache(tmp_path / "default")
+    m1 = {"files": {"model.safetensors": "aa"}}
+    m2 = {"files": {"model.safetensors": "bb"}}
+    assert cache.get(m1, a) is None
+    assert cache.measure(model, tok, m1, a) == first
+    fake = stats(0.5, 0.5)
+    cache.put(m2, a, fake)
+    assert cache.measure(model, tok, m2, a) == fake  # served from the cache, not measured
+    on_disk = json.loads((tmp_path / "default" / "diversity.json").read_text())
+    assert set(on_disk) == {f"{weights_key(m1)}:{a.key()}", f"{weights_key(m2)}:{a.key()}"}
+    (tmp_path / "default" / "diversity.json").write_text("{not json")
+    assert cache.get(m1, a) is None  # a damaged cache is re-measured, not an error
