@@ -104,3 +104,27 @@ def test_quality_smoke(tmp_path: Path) -> None:
         r["weights_key"] for r in data["records"]
     ]
     assert "Lead notes." in report.read_text()
+
+
+def test_two_study_processes_share_one_results_file(tmp_path: Path) -> None:
+    """Each process owns its arms; a save keeps the other process's arms from disk."""
+    a, b = quality.Results.open(tmp_path), quality.Results.open(tmp_path)
+    a.owned, b.owned = {"selflm"}, {"reference"}
+    a.meta.update(arm_order=["selflm"], arms={"selflm": {"x": 1}}, rounds=8)
+    b.meta.update(arm_order=["reference"], arms={"reference": {"x": 2}}, rounds=4)
+    a.add({"arm": "selflm", "round": 0, "test_ppl": 18.0})
+    b.add({"arm": "reference", "round": 0, "test_ppl": 18.0})
+    a.add({"arm": "selflm", "round": 1, "test_ppl": 17.0})
+    b.add({"arm": "reference", "round": 1, "test_ppl": 22.0})
+    data = json.loads((tmp_path / "results.json").read_text())
+    got = sorted((r["arm"], r["round"], r["test_ppl"]) for r in data["records"])
+    assert got == [
+        ("reference", 0, 18.0),
+        ("reference", 1, 22.0),
+        ("selflm", 0, 18.0),
+        ("selflm", 1, 17.0),
+    ]
+    assert set(data["meta"]["arms"]) == {"selflm", "reference"}
+    assert data["meta"]["rounds"] == 8
+    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 4
