@@ -54,12 +54,15 @@ def _sample_truncated(
 
     Returns a token per row, or None where the row needs the full path.
     """
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
     scaled = logits / temps[:, None]
     k = min(CANDIDATES, scaled.shape[-1])
     vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
     # Probabilities under the full distribution, so top_p is measured exactly.
     probs = (vals - scaled.logsumexp(-1, keepdim=True)).exp()
+    # The per-row work below runs where the rows' seeded generators live (the CPU): one copy
+    # of the candidates per step rather than a small transfer per row (no-op on a CPU).
+    vals, idx, probs = vals.cpu(), idx.cpu(), probs.cpu()
     cum = probs.cumsum(-1)
     out: list[int | None] = []
     for i, p in enumerate(params):
@@ -101,12 +104,17 @@ def choose_next(
             logits[truncated], [params[i] for i in truncated], [generators[i] for i in truncated]
         )
         picks = dict(zip(truncated, fast, strict=True))
+    sampled: dict[int, int] = {}
     for i, p in enumerate(params):
         if not p.do_sample:
             continue
         tok = picks.get(i)
         if tok is None:
-            probs = warp(logits[i], p).softmax(-1)
+            # Row generators are CPU generators (the same draws on every device).
+            probs = warp(logits[i], p).softmax(-1).cpu()
             tok = int(torch.multinomial(probs, 1, generator=generators[i])[0])
-        chosen[i] = tok
+        sampled[i] = tok
+    if sampled:
+        rows = list(sampled)
+        chosen[rows] = torch.tensor([sampled[i] for i in rows], device=chosen.device)
     return chosen, logprobs.gather(1, chosen[:, None])[:, 0]

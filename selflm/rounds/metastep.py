@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,16 @@ class MetaStepResult:
 
     epsilon: float
     scores: dict[float, float]
+    # θ_finetuned − θ_champion in float64, when asked for: to move to another ε later.
+    delta: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)
+
+    def ranked(self) -> list[float]:
+        """ε from best to worst score (NaN last; ties keep the grid's order)."""
+        return sorted(self.scores, key=lambda e: _rank(self.scores[e]))
+
+
+def _rank(value: float) -> float:
+    return value if not math.isnan(value) else math.inf
 
 
 def _alias_key(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
@@ -102,6 +112,7 @@ def meta_step(
     base_state: dict[str, Tensor],
     grid: Sequence[float],
     score: Callable[[Any], float],
+    keep_delta: bool = False,
 ) -> MetaStepResult:
     """Try each ε in ``grid`` and leave ``model`` holding the best-scoring interpolation.
 
@@ -123,7 +134,7 @@ def meta_step(
         value = float(score(model))
         scores[eps] = value
         log.info("meta-step ε=%.3g score=%.4f", eps, value)
-        rank = value if not math.isnan(value) else math.inf
+        rank = _rank(value)
         if best is None or rank < best_score:
             best, best_score = eps, rank
     assert best is not None
@@ -131,4 +142,4 @@ def meta_step(
         log.warning("meta-step: no ε scored finitely; keeping ε=%.3g", best)
     if current != best:
         interpolate_into(model, base_state, delta, best)
-    return MetaStepResult(epsilon=best, scores=scores)
+    return MetaStepResult(epsilon=best, scores=scores, delta=delta if keep_delta else None)

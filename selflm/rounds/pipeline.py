@@ -34,11 +34,11 @@ from selflm.rounds.data import (
     passages,
     prompts_from,
 )
-from selflm.rounds.decide import DiversityCheck, decide
+from selflm.rounds.decide import Decision, DiversityCheck, decide
 from selflm.rounds.diversity_gate import DiversityCache, Probe, lineage_root, weights_key
 from selflm.rounds.evaluate import encode_texts, per_sample_loss, perplexity
 from selflm.rounds.generate import generate_samples
-from selflm.rounds.metastep import meta_step, state_copy
+from selflm.rounds.metastep import MetaStepResult, interpolate_into, meta_step, state_copy
 from selflm.rounds.params import RoundParams
 from selflm.rounds.select import FilterConfig, Sample, dedup, filter_degenerate, split_train_valid
 from selflm.rounds.select import select as pick
@@ -303,23 +303,34 @@ class Round:
         grid = p.epsilon_grid if p.meta_step else [1.0]
         gate_texts = dev_texts if p.gate == "dev" else valid_texts
         ms = meta_step(
-            candidate, base_state, grid, lambda m: perplexity(m, tok, gate_texts, bs, ml).ppl
+            candidate,
+            base_state,
+            grid,
+            lambda m: perplexity(m, tok, gate_texts, bs, ml).ppl,
+            keep_delta=p.gate == "dev",
         )
         self.metrics("meta_step", {f"gate_ppl_eps_{eps:g}": v for eps, v in ms.scores.items()})
         self.metrics("meta_step", {"epsilon_chosen": ms.epsilon})
-        del base_state
         self.leave("meta_step", t)
 
         # decide
         t = self.enter("decide")
-        cand_valid = perplexity(candidate, tok, valid_texts, bs, ml).ppl
-        cand_dev = (
-            ms.scores[ms.epsilon]
-            if p.gate == "dev"
-            else perplexity(candidate, tok, dev_texts, bs, ml).ppl
-        )
+        probe = self._probe(corpus)
+        if p.gate == "dev":
+            verdict, div, eps = self._decide_dev(
+                model, candidate, tok, probe, champ_manifest, ms, base_state, champ_dev
+            )
+            cand_dev = ms.scores[eps]
+            cand_valid = perplexity(candidate, tok, valid_texts, bs, ml).ppl
+        else:  # the reference loop: its own generated valid split, no diversity check
+            eps = ms.epsilon
+            div = self._diversity_check(model, candidate, tok, probe, champ_manifest)
+            cand_dev = perplexity(candidate, tok, dev_texts, bs, ml).ppl
+            cand_valid = perplexity(candidate, tok, valid_texts, bs, ml).ppl
+            verdict = decide("generated-valid", champ_valid, cand_valid, p.promotion_margin, None)
+        del base_state, ms
+        # Measured on the weights the decision is about (ε may differ from the meta-step's).
         cand_test = perplexity(candidate, tok, test_texts, bs, ml).ppl
-        div = self._diversity_check(model, candidate, tok, corpus, champ_manifest)
         self.metrics(
             "evaluate",
             {
@@ -331,19 +342,58 @@ class Round:
                 **(_div_metrics("base", div.base) if div.base else {}),
             },
         )
-        if p.gate == "dev":
-            verdict = decide("dev", champ_dev, cand_dev, p.promotion_margin, div)
-        else:  # the reference loop: its own generated valid split, no diversity check
-            verdict = decide("generated-valid", champ_valid, cand_valid, p.promotion_margin, None)
         self.metrics(
-            "decide", {"improvement": verdict.improvement, "promoted": float(verdict.promote)}
+            "decide",
+            {
+                "improvement": verdict.improvement,
+                "promoted": float(verdict.promote),
+                "epsilon": eps,
+            },
         )
         version = None
         if verdict.promote:
             version, manifest = self._promote(candidate, tok, base_version)
-            self._div_cache.put(manifest, self._probe(corpus), div.candidate)
+            self._div_cache.put(manifest, probe, div.candidate)
         self.leave("decide", t)
         return RoundOutcome("promoted" if verdict.promote else "rejected", verdict.reason, version)
+
+    def _decide_dev(
+        self,
+        model: Any,
+        candidate: Any,
+        tok: Any,
+        probe: Probe,
+        manifest: dict[str, Any],
+        ms: MetaStepResult,
+        base_state: dict[str, torch.Tensor],
+        champ_dev: float,
+    ) -> tuple[Decision, DiversityCheck, float]:
+        """The largest dev gain whose diversity holds: ε from best dev perplexity down, until
+        one passes or the gain falls under the margin. A smaller ε keeps the candidate closer
+        to its parent, so a step whose full size loses diversity can still be taken in part."""
+        assert ms.delta is not None
+        current = ms.epsilon
+        tried: list[str] = []
+        for eps in ms.ranked():
+            if eps != current:
+                interpolate_into(candidate, base_state, ms.delta, eps)
+                current = eps
+            div = self._diversity_check(model, candidate, tok, probe, manifest)
+            verdict = decide("dev", champ_dev, ms.scores[eps], self.p.promotion_margin, div)
+            self.metrics(
+                "decide",
+                {
+                    f"diversity_ok_eps_{eps:g}": float(not div.failures()),
+                    f"candidate_distinct_2_eps_{eps:g}": div.candidate.distinct_2,
+                    f"candidate_repetition_rate_eps_{eps:g}": div.candidate.repetition_rate,
+                },
+            )
+            if verdict.promote or verdict.improvement < self.p.promotion_margin:
+                break
+            tried.append(f"ε={eps:g}")
+        note = f" (diversity failed at {', '.join(tried)})" if tried and verdict.promote else ""
+        reason = verdict.reason.replace(":", f" at ε={current:g}{note}:", 1)
+        return Decision(verdict.promote, reason, verdict.improvement), div, current
 
     def _replay(self, corpus: Corpus, tok: Any, train_ids: list[list[int]]) -> list[list[int]]:
         """Real train-split passages (as ids) until they make `replay_fraction` of the tokens."""
@@ -383,10 +433,10 @@ class Round:
         )
 
     def _diversity_check(
-        self, model: Any, candidate: Any, tok: Any, corpus: Corpus, manifest: dict[str, Any]
+        self, model: Any, candidate: Any, tok: Any, probe: Probe, manifest: dict[str, Any]
     ) -> DiversityCheck:
         """Parent, lineage base and candidate on one fixed probe; parent and base cached."""
-        probe, cache = self._probe(corpus), self._div_cache
+        cache = self._div_cache
         parent = cache.measure(model, tok, manifest, probe)
         base: DiversityStats | None = None
         root = lineage_root(self.db, self.settings.lineage)

@@ -114,6 +114,50 @@ def test_round_smoke(tmp_path: Path, store: list[str]) -> None:
     assert upd["autocast_off"]["autocast_dtype"] is None
 
 
+def test_round_subset_reference_and_warmup(tmp_path: Path, store: list[str]) -> None:
+    """--ref-samples: the reference samples fewer sequences; --train-warmup: untimed steps."""
+    out = tmp_path / "round.json"
+    argv = [*TINY, *store, "--samples", "4", "--samples-per-prompt", "2", "--ref-samples", "2"]
+    argv += ["--max-new-tokens", "4", "--texts", "4", "--passage-words", "16"]
+    argv += ["--max-length", "32", "--batch-size", "2", "--train-warmup", "1"]
+    data = _load(out, round_bench.main([*argv, "--out", str(out)]))
+    gen = data["generate"]
+    assert gen["samples"] == 4 and gen["reference"]["sequences"] == 2
+    assert 0 < gen["reference"]["tokens"] <= gen["tokens"]
+    _positive(gen, "ratio_vs_reference")
+    upd = data["update"]
+    assert upd["warmup_steps"] == 1
+    for mode in ("autocast_auto", "autocast_off"):
+        assert upd[mode]["tokens"] == upd["reference"]["tokens"] == upd["tokens"]
+
+
+def test_gpu_model_builds_a_loadable_random_checkpoint(tmp_path: Path) -> None:
+    """bench/gpu_model.py on a tiny spec: an HF directory that SELFLM_BASE_MODEL accepts,
+    its logits scaled to the asked standard deviation, the same weights for the same seed."""
+    from bench import gpu_model
+    from selflm.modeling.loader import load_base
+
+    spec = json.loads(gpu_model.CONFIG.read_text())
+    assert spec["config"]["num_hidden_layers"] == 30 and spec["config"]["hidden_size"] == 576
+    spec["config"].update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(spec))
+    info = gpu_model.build(tmp_path / "m", seed=3, target_std=4.0, spec_path=tiny)
+    assert abs(info["logit_std"] - 4.0) < 1e-3
+    base = load_base(str(tmp_path / "m"))
+    assert base.model.config.num_hidden_layers == 2 and len(base.tokenizer) == 49152
+    assert base.model.generation_config.eos_token_id == 2
+    assert abs(gpu_model.logit_std(base.model, 49152, 3) - 4.0) < 1e-3
+    again = gpu_model.build(tmp_path / "m2", seed=3, target_std=4.0, spec_path=tiny)
+    assert again["logit_std"] == info["logit_std"]
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (
+        tmp_path / "m2" / "model.safetensors"
+    ).read_bytes()
+
+
 SWAP_ARGS = [*TINY, "--clients", "2", "--max-new-tokens", "4", "--prompts", "4"]
 SWAP_ARGS += ["--pre-s", "1.5", "--post-s", "0.5", "--warmup", "1"]
 

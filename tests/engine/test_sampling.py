@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from selflm.engine.interface import SamplingParams
@@ -49,3 +50,29 @@ def test_greedy_rows_are_argmax_beside_sampled_rows() -> None:
     chosen, logprobs = choose_next(logits, params, gens)
     assert chosen[0] == logits[0].argmax() and chosen[2] == logits[2].argmax()
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_logits_sample_with_cpu_generators_like_the_cpu() -> None:
+    """Rows keep CPU generators; CUDA logits give the same draws (fast and full paths)."""
+    torch.manual_seed(4)
+    peaked = torch.randn(2, 8000) * 4  # nucleus inside the candidates: fast path
+    flat = torch.randn(2, 8000) * 0.1  # nucleus beyond them: full path
+    logits = torch.cat([peaked, flat])
+    params = [
+        SamplingParams(1, do_sample=True, temperature=0.8, top_p=0.95),
+        SamplingParams(1),
+        SamplingParams(1, do_sample=True, temperature=0.8, top_p=0.95),
+        SamplingParams(1, do_sample=True, top_k=7),
+    ]
+
+    def gens() -> list[torch.Generator | None]:
+        return [
+            None if not p.do_sample else torch.Generator().manual_seed(i)
+            for i, p in enumerate(params)
+        ]
+
+    cpu, _ = choose_next(logits, params, gens())
+    gpu, lp = choose_next(logits.cuda(), params, gens())
+    assert gpu.device.type == "cuda" and lp.device.type == "cuda"
+    assert gpu.cpu().tolist() == cpu.tolist()

@@ -110,3 +110,10 @@ def test_nan_scores_lose_ties_go_first_and_empty_grid_raises(tiny):
         meta_step(model, base, [], lambda m: 0.0)
     with pytest.raises(KeyError):
         interpolate_into(model, {}, {}, 0.5)
+
+
+def test_ranked_orders_epsilons_best_first_with_nan_last() -> None:
+    from selflm.rounds.metastep import MetaStepResult
+
+    r = MetaStepResult(epsilon=0.5, scores={0.25: 19.0, 0.5: 18.0, 1.0: float("nan"), 2.0: 19.0})
+    assert r.ranked() == [0.5, 0.25, 2.0, 1.0]
