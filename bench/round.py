@@ -5,11 +5,14 @@ model) in float32 and measures
 
 * generate: ``generate_samples`` (batched, as a round runs it) against sequential batch-1
   ``model.generate`` with sampling on the same prompts, each reference sequence forced to
-  the length the batched run produced for it (same token count on both sides);
+  the length the batched run produced for it (same token count on both sides;
+  ``--ref-samples`` limits the reference to the first N samples, compared per token);
 * update: ``finetune`` (one epoch, autocast ``auto`` and ``off``) against the reference's
   per-sample float32 loop (Adam, batch 1, ``loss.backward()`` per sample) on the same
   windows of the same texts (generated samples topped up with corpus passages), counting
-  the same predicted tokens. Each run starts from a fresh copy of the loaded weights.
+  the same predicted tokens. Each run starts from a fresh copy of the loaded weights;
+  ``--train-warmup N`` first runs N untimed steps of each on a throwaway copy (first-use
+  costs: CUDA kernels and workspaces, optimizer state).
 
     .venv/bin/python -m bench.round --checkpoint-dir data/bench-ck
 """
@@ -71,6 +74,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--generate-batch-size", type=int, default=16)
+    ap.add_argument(
+        "--ref-samples",
+        type=int,
+        default=0,
+        help="reference generate runs only the first N samples (default 0: all)",
+    )
     # update stage (round defaults: batch 8, max_length 256, lr 5e-5)
     ap.add_argument(
         "--texts", type=int, default=24, help="training texts: the samples, then passages"
@@ -79,6 +88,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--learning-rate", type=float, default=5e-5)
+    ap.add_argument(
+        "--train-warmup",
+        type=int,
+        default=0,
+        help="untimed training steps before each timed update run (default 0)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=default_out("round"))
     return ap.parse_args(argv)
@@ -146,11 +161,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run_generate(prompts[:1], 2)  # warm-up: first-call allocations are not the stage's cost
     gen = run_generate(prompts, args.max_new_tokens)
     log.info("batched generate: %d tokens, %.1f tokens/s", gen.tokens, gen.tokens_per_s)
+    ref_samples = gen.samples[: args.ref_samples] if args.ref_samples > 0 else gen.samples
     ref_gen = reference_generate(
         model,
         tok,
-        [s.prompt_ids for s in gen.samples],
-        [len(s.ids) for s in gen.samples],
+        [s.prompt_ids for s in ref_samples],
+        [len(s.ids) for s in ref_samples],
         sample=True,
         seed=args.seed,
         temperature=args.temperature,
@@ -182,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "tokens": sum(len(w) - 1 for w in windows),
         "batch_size": args.batch_size,
         "max_length": args.max_length,
+        "warmup_steps": args.train_warmup,
     }
     for mode in ("auto", "off"):
         cfg = TrainConfig(
@@ -193,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
         )
         amp = autocast_dtype(mode, device)
+        if args.train_warmup > 0:
+            warm = copy.deepcopy(model)
+            finetune(warm, tok, texts[: args.train_warmup * args.batch_size], [], cfg)
+            del warm
         candidate = copy.deepcopy(model)
         res = finetune(candidate, tok, texts, [], cfg)
         del candidate
@@ -203,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "seconds": res.tokens_trained / res.tokens_per_s if res.tokens_per_s else 0.0,
             "tokens_per_s": res.tokens_per_s,
         }
+    if args.train_warmup > 0:
+        warm = copy.deepcopy(model)
+        reference_train(warm, windows[: args.train_warmup], args.learning_rate, args.seed)
+        del warm
     candidate = copy.deepcopy(model)
     ref_train = reference_train(candidate, windows, args.learning_rate, args.seed)
     del candidate
@@ -216,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "token counts differ: finetune %d, reference %d", entry["tokens"], ref_train.tokens
             )
     results["update"] = update
+    if device.type == "cuda":
+        results["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
     g, u = results["generate"], results["update"]
     rows = [
