@@ -66,6 +66,8 @@ else
   # of 16, 2 untimed warm-up steps before each timed training run.
   ROUND_ARGS=(--samples 256 --samples-per-prompt 4 --generate-batch-size 64
     --max-new-tokens 48 --ref-samples 32 --texts 512 --batch-size 16 --train-warmup 2)
+  # GPU_ROUND_ARGS="..." replaces these (a shorter second pass, say).
+  if [ -n "${GPU_ROUND_ARGS:-}" ]; then read -r -a ROUND_ARGS <<<"$GPU_ROUND_ARGS"; fi
 fi
 
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
