@@ -21,16 +21,22 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import select
 
 from selflm.db.models import Checkpoint
 from selflm.db.session import Database
+from selflm.modeling.loader import load_checkpoint
+from selflm.modeling.store import verify_checkpoint
 from selflm.rounds.data import prompts_from
+from selflm.rounds.decide import Decision, DiversityCheck, decide
 from selflm.rounds.generate import generate_samples
+from selflm.rounds.metastep import MetaStepResult, interpolate_into
 from selflm.rounds.textstats import DiversityStats, diversity
 
 log = logging.getLogger(__name__)
@@ -160,3 +166,80 @@ def lineage_root(db: Database, lineage: str) -> RootCheckpoint | None:
         if row is None:
             return None
         return RootCheckpoint(row.version, row.path, dict(row.manifest))
+
+
+def check_diversity(
+    db: Database,
+    lineage: str,
+    cache: DiversityCache,
+    probe: Probe,
+    models: tuple[Any, Any, Any],
+    parent_manifest: dict[str, Any],
+    tolerances: tuple[float, float],
+) -> DiversityCheck:
+    """Parent, lineage base and candidate on one fixed probe; parent and base from the cache
+    when measured before. ``models`` is (parent, candidate, tokenizer); ``tolerances`` is
+    (absolute vs the parent, relative vs the base)."""
+    model, candidate, tok = models
+    parent = cache.measure(model, tok, parent_manifest, probe)
+    base: DiversityStats | None = None
+    root = lineage_root(db, lineage)
+    if root is not None and weights_key(root.manifest) == weights_key(parent_manifest):
+        base = parent
+    elif root is not None:
+        base = cache.get(root.manifest, probe)
+        if base is None:
+            try:
+                verify_checkpoint(Path(root.path), root.manifest)
+                loaded = load_checkpoint(Path(root.path), model.device, torch.float32)
+            except Exception as e:  # the base's files are gone: check against the parent only
+                log.warning("lineage %s: base v%d unusable (%s)", lineage, root.version, e)
+            else:
+                base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe)
+                del loaded
+    return DiversityCheck(
+        parent=parent,
+        candidate=probe.run(candidate, tok),
+        tolerance=tolerances[0],
+        base=base,
+        base_tolerance=tolerances[1],
+    )
+
+
+def largest_diverse_step(
+    ms: MetaStepResult,
+    parent_state: dict[str, torch.Tensor],
+    candidate: Any,
+    parent_dev_ppl: float,
+    margin: float,
+    check: Callable[[], DiversityCheck],
+    record: Callable[[dict[str, float]], None],
+) -> tuple[Decision, DiversityCheck, float]:
+    """The largest dev gain whose diversity holds: ε from best dev perplexity down, until one
+    passes or the gain falls under the margin. A smaller ε keeps the candidate closer to its
+    parent, so a step whose full size loses diversity can still be taken in part.
+
+    ``candidate`` holds the meta-step's ε on entry and the returned ε on exit; ``check``
+    measures its diversity as it stands; ``record`` stores each ε's numbers."""
+    assert ms.delta is not None, "meta_step(..., keep_delta=True) is needed"
+    current = ms.epsilon
+    tried: list[str] = []
+    for eps in ms.ranked():
+        if eps != current:
+            interpolate_into(candidate, parent_state, ms.delta, eps)
+            current = eps
+        div = check()
+        verdict = decide("dev", parent_dev_ppl, ms.scores[eps], margin, div)
+        record(
+            {
+                f"diversity_ok_eps_{eps:g}": float(not div.failures()),
+                f"candidate_distinct_2_eps_{eps:g}": div.candidate.distinct_2,
+                f"candidate_repetition_rate_eps_{eps:g}": div.candidate.repetition_rate,
+            }
+        )
+        if verdict.promote or verdict.improvement < margin:
+            break
+        tried.append(f"ε={eps:g}")
+    note = f" (diversity failed at {', '.join(tried)})" if tried and verdict.promote else ""
+    reason = verdict.reason.replace(":", f" at ε={current:g}{note}:", 1)
+    return Decision(verdict.promote, reason, verdict.improvement), div, current

@@ -9,22 +9,17 @@ from __future__ import annotations
 import copy
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from sqlalchemy import select
 
-from selflm.checkpoints import get_champion, next_version, promote
-from selflm.db.models import Checkpoint, ServedPrompt
+from selflm.checkpoints import get_champion
 from selflm.db.session import Database
 from selflm.modeling.device import pick_device
 from selflm.modeling.loader import load_checkpoint
-from selflm.modeling.store import verify_checkpoint, write_checkpoint
-from selflm.notify import announce
+from selflm.modeling.store import verify_checkpoint
 from selflm.rounds import records
 from selflm.rounds.data import (
     SPLIT_SEED,
@@ -34,16 +29,22 @@ from selflm.rounds.data import (
     passages,
     prompts_from,
 )
-from selflm.rounds.decide import Decision, DiversityCheck, decide
-from selflm.rounds.diversity_gate import DiversityCache, Probe, lineage_root, weights_key
+from selflm.rounds.decide import DiversityCheck, decide
+from selflm.rounds.diversity_gate import (
+    DiversityCache,
+    Probe,
+    check_diversity,
+    largest_diverse_step,
+)
 from selflm.rounds.evaluate import encode_texts, per_sample_loss, perplexity
 from selflm.rounds.generate import generate_samples
-from selflm.rounds.metastep import MetaStepResult, interpolate_into, meta_step, state_copy
+from selflm.rounds.metastep import meta_step, state_copy
 from selflm.rounds.params import RoundParams
+from selflm.rounds.promotion import promote_candidate
 from selflm.rounds.select import FilterConfig, Sample, dedup, filter_degenerate, split_train_valid
 from selflm.rounds.select import select as pick
 from selflm.rounds.textstats import DiversityStats
-from selflm.rounds.update import EpochStats, TrainConfig, finetune
+from selflm.rounds.update import EpochStats, TrainConfig, finetune, replay_ids
 from selflm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,39 +60,11 @@ PROGRESS = {
 }
 
 
-class RoundCancelled(RuntimeError):
-    pass
-
-
 @dataclass
 class RoundOutcome:
     decision: str
     reason: str
     candidate_version: int | None
-
-
-class Heartbeat:
-    """Keeps `heartbeat_at` fresh while a long stage runs, from a side thread."""
-
-    def __init__(self, db: Database, round_id: int, every_s: float = 10.0) -> None:
-        self._db, self._id, self._every = db, round_id, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="round-heartbeat")
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            try:
-                records.heartbeat(self._db, self._id)
-            except Exception:
-                log.warning("heartbeat failed", exc_info=True)
 
 
 class Round:
@@ -107,7 +80,7 @@ class Round:
 
     def enter(self, stage: str) -> float:
         if records.is_cancelled(self.db, self.id):
-            raise RoundCancelled(f"round {self.id} was cancelled")
+            raise records.RoundCancelled(f"round {self.id} was cancelled")
         prev = [s for s in PROGRESS if PROGRESS[s] < PROGRESS[stage]]
         records.set_progress(self.db, self.id, stage, PROGRESS[prev[-1]] if prev else 0.0)
         log.info("round %d: %s", self.id, stage)
@@ -129,15 +102,7 @@ class Round:
             lines = [x.strip() for x in Path(p.prompt_file).read_text().splitlines()]
             return [x for x in lines if x][: p.num_prompts]
         if p.prompt_source == "served":
-            with self.db.session() as s:
-                served = list(
-                    s.scalars(
-                        select(ServedPrompt.prompt)
-                        .where(ServedPrompt.lineage == self.settings.lineage)
-                        .order_by(ServedPrompt.id.desc())
-                        .limit(p.num_prompts)
-                    )
-                )
+            served = records.served_prompts(self.db, self.settings.lineage, p.num_prompts)
             if served:
                 return served
             log.info("round %d: no served prompts recorded; using the corpus", self.id)
@@ -250,7 +215,19 @@ class Round:
 
         # update
         t = self.enter("update")
-        replay = self._replay(corpus, tok, train_texts)
+        replay, got = replay_ids(
+            passages(corpus.train), tok, train_texts, p.replay_fraction, p.max_length, self.rng
+        )
+        synth = sum(len(x) for x in train_texts)
+        if p.replay_fraction > 0:
+            self.metrics(
+                "update",
+                {
+                    "replay_tokens": got,
+                    "synthetic_tokens": synth,
+                    "replay_token_fraction": got / max(1, got + synth),
+                },
+            )
         base_state = state_copy(model)
         candidate = copy.deepcopy(model)
         cfg_t = TrainConfig(
@@ -316,15 +293,33 @@ class Round:
         # decide
         t = self.enter("decide")
         probe = self._probe(corpus)
+
+        def check() -> DiversityCheck:
+            return check_diversity(
+                self.db,
+                settings.lineage,
+                self._div_cache,
+                probe,
+                (model, candidate, tok),
+                champ_manifest,
+                (p.diversity_tolerance, p.base_diversity_tolerance),
+            )
+
         if p.gate == "dev":
-            verdict, div, eps = self._decide_dev(
-                model, candidate, tok, probe, champ_manifest, ms, base_state, champ_dev
+            verdict, div, eps = largest_diverse_step(
+                ms,
+                base_state,
+                candidate,
+                champ_dev,
+                p.promotion_margin,
+                check,
+                lambda values: self.metrics("decide", values),
             )
             cand_dev = ms.scores[eps]
             cand_valid = perplexity(candidate, tok, valid_texts, bs, ml).ppl
         else:  # the reference loop: its own generated valid split, no diversity check
             eps = ms.epsilon
-            div = self._diversity_check(model, candidate, tok, probe, champ_manifest)
+            div = check()
             cand_dev = perplexity(candidate, tok, dev_texts, bs, ml).ppl
             cand_valid = perplexity(candidate, tok, valid_texts, bs, ml).ppl
             verdict = decide("generated-valid", champ_valid, cand_valid, p.promotion_margin, None)
@@ -352,74 +347,12 @@ class Round:
         )
         version = None
         if verdict.promote:
-            version, manifest = self._promote(candidate, tok, base_version)
+            version, manifest = promote_candidate(
+                settings, self.db, self.id, candidate, tok, base_version
+            )
             self._div_cache.put(manifest, probe, div.candidate)
         self.leave("decide", t)
         return RoundOutcome("promoted" if verdict.promote else "rejected", verdict.reason, version)
-
-    def _decide_dev(
-        self,
-        model: Any,
-        candidate: Any,
-        tok: Any,
-        probe: Probe,
-        manifest: dict[str, Any],
-        ms: MetaStepResult,
-        base_state: dict[str, torch.Tensor],
-        champ_dev: float,
-    ) -> tuple[Decision, DiversityCheck, float]:
-        """The largest dev gain whose diversity holds: ε from best dev perplexity down, until
-        one passes or the gain falls under the margin. A smaller ε keeps the candidate closer
-        to its parent, so a step whose full size loses diversity can still be taken in part."""
-        assert ms.delta is not None
-        current = ms.epsilon
-        tried: list[str] = []
-        for eps in ms.ranked():
-            if eps != current:
-                interpolate_into(candidate, base_state, ms.delta, eps)
-                current = eps
-            div = self._diversity_check(model, candidate, tok, probe, manifest)
-            verdict = decide("dev", champ_dev, ms.scores[eps], self.p.promotion_margin, div)
-            self.metrics(
-                "decide",
-                {
-                    f"diversity_ok_eps_{eps:g}": float(not div.failures()),
-                    f"candidate_distinct_2_eps_{eps:g}": div.candidate.distinct_2,
-                    f"candidate_repetition_rate_eps_{eps:g}": div.candidate.repetition_rate,
-                },
-            )
-            if verdict.promote or verdict.improvement < self.p.promotion_margin:
-                break
-            tried.append(f"ε={eps:g}")
-        note = f" (diversity failed at {', '.join(tried)})" if tried and verdict.promote else ""
-        reason = verdict.reason.replace(":", f" at ε={current:g}{note}:", 1)
-        return Decision(verdict.promote, reason, verdict.improvement), div, current
-
-    def _replay(self, corpus: Corpus, tok: Any, train_ids: list[list[int]]) -> list[list[int]]:
-        """Real train-split passages (as ids) until they make `replay_fraction` of the tokens."""
-        frac = self.p.replay_fraction
-        if frac <= 0:
-            return []
-        synth = sum(len(x) for x in train_ids)
-        target = synth * frac / (1 - frac)
-        pool = passages(corpus.train)
-        self.rng.shuffle(pool)
-        out: list[list[int]] = []
-        got = 0
-        for ids in encode_texts(tok, pool):
-            if got >= target:
-                break
-            out.append(ids[: self.p.max_length])
-            got += len(out[-1])
-        self.metrics(
-            "update",
-            {
-                "replay_tokens": got,
-                "synthetic_tokens": synth,
-                "replay_token_fraction": got / max(1, got + synth),
-            },
-        )
-        return out
 
     def _probe(self, corpus: Corpus) -> Probe:
         p = self.p
@@ -431,78 +364,6 @@ class Round:
             p.top_p,
             p.generate_batch_size,
         )
-
-    def _diversity_check(
-        self, model: Any, candidate: Any, tok: Any, probe: Probe, manifest: dict[str, Any]
-    ) -> DiversityCheck:
-        """Parent, lineage base and candidate on one fixed probe; parent and base cached."""
-        cache = self._div_cache
-        parent = cache.measure(model, tok, manifest, probe)
-        base: DiversityStats | None = None
-        root = lineage_root(self.db, self.settings.lineage)
-        if root is not None and weights_key(root.manifest) == weights_key(manifest):
-            base = parent
-        elif root is not None:
-            base = cache.get(root.manifest, probe)
-            if base is None:
-                try:
-                    verify_checkpoint(Path(root.path), root.manifest)
-                    loaded = load_checkpoint(Path(root.path), model.device, torch.float32)
-                except Exception as e:  # the base's files are gone: check the parent only
-                    log.warning("round %d: base v%d unusable (%s)", self.id, root.version, e)
-                else:
-                    base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe)
-                    del loaded
-        return DiversityCheck(
-            parent=parent,
-            candidate=probe.run(candidate, tok),
-            tolerance=self.p.diversity_tolerance,
-            base=base,
-            base_tolerance=self.p.base_diversity_tolerance,
-        )
-
-    def _promote(self, candidate: Any, tok: Any, parent: int) -> tuple[int, dict[str, Any]]:
-        """Write atomically, record, move the champion pointer in one transaction, announce."""
-        lineage = self.settings.lineage
-        with self.db.session() as s:
-            version = next_version(s, lineage)
-        stored = write_checkpoint(
-            candidate,
-            tok,
-            self.settings.checkpoint_dir,
-            lineage,
-            version,
-            source=f"round {self.id}",
-            parent_version=parent,
-        )
-        with self.db.session() as s:
-            if records.is_cancelled(self.db, self.id):
-                raise RoundCancelled(f"round {self.id} was cancelled before promotion")
-            current = get_champion(s, lineage)
-            if current is None or current.version != parent:
-                raise RuntimeError(
-                    f"champion moved from v{parent} to "
-                    f"v{current.version if current else None} during the round; not promoting"
-                )
-            s.add(
-                Checkpoint(
-                    lineage=lineage,
-                    version=version,
-                    parent_version=parent,
-                    path=str(stored.path),
-                    manifest=stored.manifest,
-                    status="candidate",
-                    source=f"round {self.id}",
-                    produced_by_round=self.id,
-                )
-            )
-            s.flush()
-            promote(s, lineage, version)
-            # The round records its candidate in the same transaction as the promotion.
-            s.execute(records.update_stmt(self.id, candidate_version=version))
-        announce(self.settings.redis_url, lineage, version)
-        log.info("round %d promoted v%d (parent v%d)", self.id, version, parent)
-        return version, stored.manifest
 
 
 def _div_metrics(who: str, d: DiversityStats) -> dict[str, float]:
@@ -524,9 +385,9 @@ def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome |
     rnd = Round(settings, db, round_id, params)
     started = time.perf_counter()
     try:
-        with Heartbeat(db, round_id):
+        with records.Heartbeat(db, round_id):
             outcome = rnd.run()
-    except RoundCancelled as e:
+    except records.RoundCancelled as e:
         log.info("%s", e)
         records.finish(db, round_id, "cancelled", error=str(e))
         return None

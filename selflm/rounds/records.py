@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Update, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from selflm.db.models import RoundMetric, UpdateRound, utcnow
+from selflm.db.models import RoundMetric, ServedPrompt, UpdateRound, utcnow
 from selflm.db.session import Database
 
 log = logging.getLogger(__name__)
@@ -207,3 +208,44 @@ def metrics_dict(row: UpdateRound) -> dict[str, dict[str, Any]]:
         else:
             stage.setdefault(m.name, []).append({"step": m.step, "value": m.value})
     return out
+
+
+class RoundCancelled(RuntimeError):
+    pass
+
+
+class Heartbeat:
+    """Keeps `heartbeat_at` fresh while a long stage runs, from a side thread."""
+
+    def __init__(self, db: Database, round_id: int, every_s: float = 10.0) -> None:
+        self._db, self._id, self._every = db, round_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="round-heartbeat")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                heartbeat(self._db, self._id)
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+
+
+def served_prompts(db: Database, lineage: str, limit: int) -> list[str]:
+    """The lineage's most recently served prompts (recorded with SELFLM_RECORD_PROMPTS)."""
+    with db.session() as s:
+        return list(
+            s.scalars(
+                select(ServedPrompt.prompt)
+                .where(ServedPrompt.lineage == lineage)
+                .order_by(ServedPrompt.id.desc())
+                .limit(limit)
+            )
+        )

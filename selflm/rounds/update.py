@@ -33,7 +33,14 @@ from selflm.rounds.evaluate import (
 )
 from selflm.rounds.metastep import state_copy
 
-__all__ = ["EpochStats", "TrainConfig", "TrainResult", "autocast_dtype", "finetune"]
+__all__ = [
+    "EpochStats",
+    "TrainConfig",
+    "TrainResult",
+    "autocast_dtype",
+    "finetune",
+    "replay_ids",
+]
 
 log = logging.getLogger(__name__)
 
@@ -296,3 +303,29 @@ def finetune(
         seconds=seconds,
         tokens_per_s=tokens_trained / train_seconds if train_seconds > 0 else 0.0,
     )
+
+
+def replay_ids(
+    pool: list[str],
+    tokenizer: Any,
+    train_ids: Sequence[Sequence[int]],
+    fraction: float,
+    max_length: int,
+    rng: random.Random,
+) -> tuple[list[list[int]], int]:
+    """Real passages from ``pool`` (shuffled with ``rng``), as ids cut to ``max_length``,
+    until they make ``fraction`` of all training tokens. Returns the ids and their tokens."""
+    if fraction <= 0:
+        return [], 0
+    synth = sum(len(x) for x in train_ids)
+    target = synth * fraction / (1 - fraction)
+    pool = list(pool)
+    rng.shuffle(pool)
+    out: list[list[int]] = []
+    got = 0
+    for ids in encode_texts(tokenizer, pool):
+        if got >= target:
+            break
+        out.append(ids[:max_length])
+        got += len(out[-1])
+    return out, got
