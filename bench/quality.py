@@ -31,19 +31,12 @@ report (``bench.quality_report``) is written.
 from __future__ import annotations
 
 import argparse
-import csv
-import fcntl
 import json
 import logging
-import math
 import os
 import platform
-import random
-import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -51,11 +44,46 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.quality_measure import (
+    DEFAULT_UNRELATED,
+    FULL_MEASURE,
+    MEASURE_FIELDS,
+    PROMPT_SEED,
+    SMALL_MEASURE,
+    EvalSets,
+    MeasureConfig,
+    build_eval_sets,
+    load_unrelated_documents,
+    measure,
+)
+from bench.quality_results import CSV_COLUMNS, Results
+from bench.quality_store import (
+    LINEAGE,
+    champion_after,
+    finished_rounds,
+    open_arm_store,
+    prepare_base,
+    round_summary,
+    slug,
+)
+
+__all__ = [
+    "ARMS",
+    "CSV_COLUMNS",
+    "DEFAULT_UNRELATED",
+    "MEASURE_FIELDS",
+    "PROMPT_SEED",
+    "EvalSets",
+    "MeasureConfig",
+    "Results",
+    "build_eval_sets",
+    "load_unrelated_documents",
+    "main",
+    "measure",
+]
+
 log = logging.getLogger("bench.quality")
 
-LINEAGE = "default"
-DEFAULT_UNRELATED = "/usr/share/common-licenses"
-PROMPT_SEED = 4242  # the fixed diversity prompt set, the same for every arm and round
 RESULTS_VERSION = 1
 
 # Arms: RoundParams overrides on top of the current defaults (so `selflm` is "the defaults").
@@ -108,325 +136,6 @@ SMALL_ROUND: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
-class MeasureConfig:
-    """How the study measures a champion; identical for every arm and round."""
-
-    test_passages: int  # 0: every passage of the test split
-    unrelated_passages: int  # 0: every passage of the unrelated corpus
-    diversity_prompts: int
-    max_new_tokens: int
-    temperature: float = 0.8
-    top_p: float = 0.95
-    batch_size: int = 8
-    max_length: int = 256
-    seed: int = 7
-
-
-FULL_MEASURE = MeasureConfig(
-    test_passages=0, unrelated_passages=96, diversity_prompts=32, max_new_tokens=48
-)
-SMALL_MEASURE = MeasureConfig(
-    test_passages=4,
-    unrelated_passages=4,
-    diversity_prompts=3,
-    max_new_tokens=8,
-    batch_size=4,
-    max_length=64,
-)
-
-CSV_COLUMNS = (
-    "arm",
-    "round",
-    "seed",
-    "status",
-    "decision",
-    "promoted",
-    "champion_version",
-    "epsilon",
-    "champion_dev_ppl",
-    "candidate_dev_ppl",
-    "champion_valid_ppl",
-    "candidate_valid_ppl",
-    "improvement",
-    "test_ppl",
-    "test_tokens",
-    "unrelated_ppl",
-    "unrelated_tokens",
-    "distinct_1",
-    "distinct_2",
-    "repetition_rate",
-    "round_seconds",
-    "measure_seconds",
-    "reason",
-    "error",
-)
-
-
-# --------------------------------------------------------------------------- evaluation sets
-
-
-@dataclass(frozen=True)
-class EvalSets:
-    test: list[str]
-    unrelated: list[str]
-    prompts: list[str]
-    info: dict[str, Any]
-
-
-def load_unrelated_documents(source: str) -> tuple[str, list[str]]:
-    """A directory: every regular, non-hidden file below it is one document (symlinks and
-    identical copies counted once; files with NUL bytes skipped). A file: read as a corpus
-    file (``.jsonl``, or documents separated by form feeds / two blank lines)."""
-    from selflm.rounds.data import load_documents
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ValueError(
-            f"unrelated corpus {source!r} does not exist; pass --unrelated PATH "
-            "(a directory of text files, a .jsonl file or a plain text file)"
-        )
-    if path.is_file():
-        return load_documents(str(path))
-    seen: set[Path] = set()
-    docs: list[str] = []
-    for p in sorted(path.rglob("*"), key=lambda q: q.relative_to(path).as_posix()):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(path).parts):
-            continue
-        real = p.resolve()
-        if real in seen:
-            continue
-        seen.add(real)
-        raw = p.read_bytes()
-        if b"\x00" in raw:
-            continue
-        text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").strip()
-        if text:
-            docs.append(text)
-    docs = list(dict.fromkeys(docs))
-    if not docs:
-        raise ValueError(f"unrelated corpus {source!r} holds no text files")
-    return path.name, docs
-
-
-def _take(texts: list[str], n: int, seed: int) -> list[str]:
-    """All texts (n == 0) in order, or a seeded sample of n spread over the whole corpus."""
-    if n <= 0 or n >= len(texts):
-        return list(texts)
-    picked = sorted(random.Random(seed).sample(range(len(texts)), n))
-    return [texts[i] for i in picked]
-
-
-def build_eval_sets(domain: str | None, unrelated: str, cfg: MeasureConfig) -> EvalSets:
-    from selflm.rounds.data import SPLIT_SEED, load_corpus, passages, prompts_from
-
-    corpus = load_corpus(domain, seed=SPLIT_SEED)
-    test_all = passages(corpus.test)
-    test = _take(test_all, cfg.test_passages, SPLIT_SEED)
-    u_name, u_docs = load_unrelated_documents(unrelated)
-    u_all = passages(u_docs)
-    unrel = _take(u_all, cfg.unrelated_passages, SPLIT_SEED)
-    prompts = prompts_from(corpus.train, cfg.diversity_prompts, random.Random(PROMPT_SEED))
-    if not test:
-        raise ValueError(f"domain corpus {corpus.name!r} has no test split (too few documents)")
-    info = {
-        "domain_name": corpus.name,
-        "split_seed": SPLIT_SEED,
-        "domain_docs": {
-            "train": len(corpus.train),
-            "dev": len(corpus.dev),
-            "test": len(corpus.test),
-        },
-        "test_passages": len(test),
-        "test_passages_total": len(test_all),
-        "unrelated_name": u_name,
-        "unrelated_docs": len(u_docs),
-        "unrelated_passages": len(unrel),
-        "unrelated_passages_total": len(u_all),
-        "diversity_prompts": len(prompts),
-        "prompt_seed": PROMPT_SEED,
-    }
-    return EvalSets(test=test, unrelated=unrel, prompts=prompts, info=info)
-
-
-def measure(path: Path, device_name: str, sets: EvalSets, cfg: MeasureConfig) -> dict[str, Any]:
-    import torch
-
-    from selflm.modeling.device import pick_device
-    from selflm.modeling.loader import load_checkpoint
-    from selflm.rounds.evaluate import perplexity
-    from selflm.rounds.generate import generate_samples
-    from selflm.rounds.textstats import diversity
-
-    started = time.perf_counter()
-    loaded = load_checkpoint(path, pick_device(device_name), torch.float32)
-    model, tok = loaded.model, loaded.tokenizer
-    test = perplexity(model, tok, sets.test, cfg.batch_size, cfg.max_length)
-    unrel = perplexity(model, tok, sets.unrelated, cfg.batch_size, cfg.max_length)
-    gen = generate_samples(
-        model,
-        tok,
-        sets.prompts,
-        1,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_p,
-        cfg.seed,
-        16,
-    )
-    div = diversity([s.text for s in gen.samples])
-    del model, loaded
-    return {
-        "test_ppl": test.ppl,
-        "test_tokens": test.tokens,
-        "unrelated_ppl": unrel.ppl,
-        "unrelated_tokens": unrel.tokens,
-        "distinct_1": div.distinct_1,
-        "distinct_2": div.distinct_2,
-        "repetition_rate": div.repetition_rate,
-        "diversity_tokens": gen.tokens,
-        "measure_seconds": time.perf_counter() - started,
-    }
-
-
-MEASURE_FIELDS = (
-    "test_ppl",
-    "test_tokens",
-    "unrelated_ppl",
-    "unrelated_tokens",
-    "distinct_1",
-    "distinct_2",
-    "repetition_rate",
-    "diversity_tokens",
-    "measure_seconds",
-)
-
-
-# --------------------------------------------------------------------------- results file
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-class Results:
-    """``{"meta": {...}, "records": [...]}`` kept in memory and rewritten after each record.
-
-    Several study processes may share one results directory, each running its own arms (on a
-    multi-core machine, one process per core pair): a save holds a lock, re-reads the file and
-    keeps the other processes' arms as they are on disk.
-    """
-
-    def __init__(self, out: Path, data: dict[str, Any]) -> None:
-        self.out = out
-        self.data = data
-        self.owned: set[str] = set()  # the arms this process runs; others come from disk
-
-    @property
-    def json_path(self) -> Path:
-        return self.out / "results.json"
-
-    @property
-    def csv_path(self) -> Path:
-        return self.out / "results.csv"
-
-    @classmethod
-    def open(cls, out: Path) -> Results:
-        path = out / "results.json"
-        if path.exists():
-            data = json.loads(path.read_text())
-            data.setdefault("records", [])
-            data.setdefault("meta", {})
-        else:
-            data = {"meta": {}, "records": []}
-        return cls(out, data)
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        meta: dict[str, Any] = self.data["meta"]
-        return meta
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        recs: list[dict[str, Any]] = self.data["records"]
-        return recs
-
-    def get(self, arm: str, round_idx: int) -> dict[str, Any] | None:
-        return next((r for r in self.records if r["arm"] == arm and r["round"] == round_idx), None)
-
-    def drop_arm(self, arm: str) -> None:
-        self.data["records"] = [r for r in self.records if r["arm"] != arm]
-
-    def add(self, record: dict[str, Any]) -> None:
-        self.data["records"] = [
-            r for r in self.records if (r["arm"], r["round"]) != (record["arm"], record["round"])
-        ]
-        self.records.append(record)
-        self.save()
-
-    def _merge_from_disk(self) -> None:
-        if not self.json_path.exists():
-            return
-        disk = json.loads(self.json_path.read_text())
-        theirs = [r for r in disk.get("records", []) if r["arm"] not in self.owned]
-        mine = [r for r in self.records if r["arm"] in self.owned]
-        self.data["records"] = theirs + mine
-        dmeta = disk.get("meta", {})
-        order = [*dmeta.get("arm_order", []), *self.meta.get("arm_order", [])]
-        arms = {
-            **{k: v for k, v in dmeta.get("arms", {}).items() if k not in self.owned},
-            **{k: v for k, v in self.meta.get("arms", {}).items() if k in self.owned},
-        }
-        self.meta["arm_order"] = list(dict.fromkeys(order))
-        self.meta["arms"] = arms
-        self.meta["rounds"] = max(int(dmeta.get("rounds", 0) or 0), int(self.meta.get("rounds", 0)))
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / ".lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._merge_from_disk()
-            self._write()
-
-    def _write(self) -> None:
-        arm_order = {a: i for i, a in enumerate(self.meta.get("arm_order", []))}
-        self.records.sort(
-            key=lambda r: (arm_order.get(r["arm"], len(arm_order)), r["arm"], r["round"])
-        )
-        self.meta["updated_at"] = datetime.now(UTC).isoformat()
-        _atomic_write(self.json_path, json.dumps(_json_safe(self.data), indent=2) + "\n")
-        rows = []
-        for r in self.records:
-            rows.append({c: r.get(c) for c in CSV_COLUMNS})
-        import io
-
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        _atomic_write(self.csv_path, buf.getvalue())
-
-
 # --------------------------------------------------------------------------- arms and params
 
 
@@ -475,130 +184,6 @@ def arm_params(
     values["seed"] = seed
     values["corpus"] = domain
     return RoundParams(**values)
-
-
-# --------------------------------------------------------------------------- stores
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
-
-
-def _settings(root: Path, base_model: str, device: str) -> Any:
-    from selflm.settings import Settings
-
-    values: dict[str, Any] = {
-        "database_url": f"sqlite:///{root / 'selflm.db'}",
-        "checkpoint_dir": str(root / "checkpoints"),
-        "base_model": base_model,
-        "lineage": LINEAGE,
-        "device": device,  # validated: auto | cpu | cuda
-        "redis_url": None,
-        "embedded_worker": False,
-    }
-    return Settings(**values)
-
-
-def prepare_base(root: Path, base_model: str, device: str) -> Path:
-    """Import the base model once (the GGUF dequantisation is slow); arms copy its v1."""
-    from selflm.checkpoints import ensure_base_checkpoint
-    from selflm.db.session import Database, upgrade
-
-    settings = _settings(root, base_model, device)
-    upgrade(settings.database_url)
-    db = Database(settings.database_url)
-    try:
-        row = ensure_base_checkpoint(settings, db)
-        return Path(row.path)
-    finally:
-        db.dispose()
-
-
-def open_arm_store(
-    root: Path, base_dir: Path, base_model: str, device: str, fresh: bool
-) -> tuple[Any, Any]:
-    from selflm.checkpoints import ensure_base_checkpoint
-    from selflm.db.session import Database, upgrade
-    from selflm.modeling.store import checkpoint_path
-
-    if fresh and root.exists():
-        shutil.rmtree(root)
-    settings = _settings(root, base_model, device)
-    v1 = checkpoint_path(settings.checkpoint_dir, LINEAGE, 1)
-    if not v1.exists():
-        v1.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(base_dir, v1)
-    upgrade(settings.database_url)
-    db = Database(settings.database_url)
-    ensure_base_checkpoint(settings, db)  # reuses the copied directory: verify + record
-    return settings, db
-
-
-def finished_rounds(db: Any) -> list[Any]:
-    """The store's finished rounds in order; rounds an interrupted run left open are closed
-    first (as promoted when their promotion had committed, else cancelled)."""
-    from selflm.rounds import records
-
-    rows, _ = records.list_rounds(db, LINEAGE, limit=100000, offset=0)
-    rows.reverse()
-    for row in rows:
-        if row.status in records.ACTIVE:
-            if row.candidate_version is not None:
-                log.warning("round %d: interrupted after its promotion; keeping it", row.id)
-                records.finish(db, row.id, "succeeded", decision="promoted", stage="done")
-            else:
-                log.warning("round %d: interrupted; cancelling it and running it again", row.id)
-                records.finish(db, row.id, "cancelled", error="quality study interrupted")
-    rows, _ = records.list_rounds(db, LINEAGE, limit=100000, offset=0)
-    rows.reverse()
-    return [r for r in rows if r.status in ("succeeded", "failed")]
-
-
-def champion_after(db: Any, rows: Sequence[Any]) -> tuple[int, Path, dict[str, Any]]:
-    """The champion once ``rows`` (finished rounds, in order) have run: the last promoted
-    candidate, else v1. Derived from the rounds, not the live pointer, so a resumed run
-    measures round i's champion even if later rounds already ran."""
-    from selflm.checkpoints import get_checkpoint
-
-    version = 1
-    for row in rows:
-        if row.decision == "promoted" and row.candidate_version is not None:
-            version = row.candidate_version
-    with db.session() as s:
-        c = get_checkpoint(s, LINEAGE, version)
-        if c is None:
-            raise RuntimeError(f"checkpoint v{version} is missing from the arm's store")
-        return c.version, Path(c.path), dict(c.manifest)
-
-
-def round_summary(row: Any) -> dict[str, Any]:
-    """The round's own numbers (dev gate, ε, selection, timings) from its metrics."""
-    from selflm.rounds import records
-
-    flat: dict[str, float] = {}
-    for stage, values in records.metrics_dict(row).items():
-        for name, value in values.items():
-            if not isinstance(value, list):
-                flat[f"{stage}.{name}"] = value
-    ev = {k.removeprefix("evaluate."): v for k, v in flat.items() if k.startswith("evaluate.")}
-    return {
-        "round_id": row.id,
-        "status": row.status,
-        "decision": row.decision,
-        "promoted": row.decision == "promoted",
-        "reason": row.reason,
-        "error": row.error,
-        "epsilon": flat.get("meta_step.epsilon_chosen"),
-        "champion_dev_ppl": ev.get("champion_dev_ppl"),
-        "candidate_dev_ppl": ev.get("candidate_dev_ppl"),
-        "champion_valid_ppl": ev.get("champion_valid_ppl"),
-        "candidate_valid_ppl": ev.get("candidate_valid_ppl"),
-        "round_test_ppl_champion": ev.get("champion_test_ppl"),
-        "round_test_ppl_candidate": ev.get("candidate_test_ppl"),
-        "improvement": flat.get("decide.improvement"),
-        "round_seconds": flat.get("round.seconds"),
-        "round_metrics": flat,
-    }
 
 
 # --------------------------------------------------------------------------- the study
@@ -856,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        work = args.work / (_slug(args.base_model) + ("-small" if args.small else ""))
+        work = args.work / (slug(args.base_model) + ("-small" if args.small else ""))
         started = time.perf_counter()
         base_dir = prepare_base(work / "_base", args.base_model, args.device)
         log.info("base checkpoint ready at %s (%.1fs)", base_dir, time.perf_counter() - started)
