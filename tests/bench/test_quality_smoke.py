@@ -128,3 +128,20 @@ def test_two_study_processes_share_one_results_file(tmp_path: Path) -> None:
     assert data["meta"]["rounds"] == 8
     csv_rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 4
+
+
+def test_probe_noise_runs_several_seeds_on_one_checkpoint(tmp_path: Path) -> None:
+    from bench import quality_noise
+    from selflm.modeling.loader import tiny_model
+
+    loaded = tiny_model("llama", seed=0)
+    ck = tmp_path / "ck"
+    loaded.model.save_pretrained(ck)
+    loaded.tokenizer.save_pretrained(ck)
+    out = tmp_path / "noise.json"
+    args = [str(ck), "--seeds", "1,2,1", "--diversity-prompts", "3", "--max-new-tokens", "6"]
+    summary = quality_noise.main([*args, "--out", str(out)])
+    runs = summary["runs"]
+    assert [r["seed"] for r in runs] == [1, 2, 1]
+    assert runs[0]["distinct_2"] == runs[2]["distinct_2"]  # same seed, same numbers
+    assert summary["distinct_2_sd"] >= 0 and json.loads(out.read_text())["prompts"] == 3
