@@ -121,7 +121,8 @@ def round_summary(row: Any) -> dict[str, Any]:
         "promoted": row.decision == "promoted",
         "reason": row.reason,
         "error": row.error,
-        "epsilon": flat.get("meta_step.epsilon_chosen"),
+        # The ε the decision was about (the decide stage may step back from the meta-step's).
+        "epsilon": flat.get("decide.epsilon", flat.get("meta_step.epsilon_chosen")),
         "champion_dev_ppl": ev.get("champion_dev_ppl"),
         "candidate_dev_ppl": ev.get("candidate_dev_ppl"),
         "champion_valid_ppl": ev.get("champion_valid_ppl"),
