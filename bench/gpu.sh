@@ -108,7 +108,7 @@ for m in (torch, transformers, tokenizers, huggingface_hub, fastapi, pydantic, s
     print(f"{m.__name__} {m.__version__}  ({m.__file__})")
 print("cuda available:", torch.cuda.is_available(), "| torch cuda", torch.version.cuda)
 if torch.cuda.is_available():
-    from selflm.modeling.device import pick_device, pick_dtype
+    from core.modeling.device import pick_device, pick_dtype
     d = pick_device("auto")
     print("device", torch.cuda.get_device_name(0), "| SELFLM_DTYPE=auto ->", pick_dtype("auto", d))
 EOF

@@ -48,7 +48,7 @@ def build(
 ) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from selflm.modeling.loader import smollm2_tokenizer
+    from core.modeling.loader import smollm2_tokenizer
 
     spec = json.loads(spec_path.read_text())
     kwargs = dict(spec["config"])

@@ -42,7 +42,7 @@ from bench.common import (
     write_json,
 )
 from bench.swap import add_swap_args
-from selflm.modeling.store import weights_bytes
+from core.store import weights_bytes
 
 log = logging.getLogger("bench.memory")
 

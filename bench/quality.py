@@ -1,6 +1,6 @@
 """The self-update quality study (issue 6): do rounds make the model better, not just different?
 
-For each *arm* (a set of :class:`~selflm.rounds.params.RoundParams` overrides) the study builds
+For each *arm* (a set of :class:`~core.round_params.RoundParams` overrides) the study builds
 a fresh store — its own SQLite database and checkpoint directory under ``--work`` — with the
 base model as ``v1``, then runs N consecutive rounds through the real pipeline
 (``records.create_round`` + ``run_round``). Round ``i`` uses seed ``--seed + i`` in every arm,
@@ -142,7 +142,7 @@ SMALL_ROUND: dict[str, Any] = {
 def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``KEY=VALUE`` (every arm; the arm's own overrides win) or ``ARM:KEY=VALUE`` (one arm,
     wins over everything). VALUE is JSON when it parses as JSON, else a string."""
-    from selflm.rounds.params import RoundParams
+    from core.round_params import RoundParams
 
     common: dict[str, Any] = {}
     per_arm: dict[str, dict[str, Any]] = {}
@@ -174,7 +174,7 @@ def arm_params(
     per_arm: dict[str, dict[str, Any]],
 ) -> Any:
     """Defaults < --set KEY=V < --small sizes < the arm's overrides < --set ARM:KEY=V."""
-    from selflm.rounds.params import RoundParams
+    from core.round_params import RoundParams
 
     values: dict[str, Any] = {**common}
     if small:
@@ -200,7 +200,7 @@ class Study:
     cache: dict[str, dict[str, Any]]
 
     def measured(self, path: Path, manifest: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
-        from selflm.rounds.diversity_gate import weights_key
+        from worker.rounds.diversity_gate import weights_key
 
         key = weights_key(manifest)
         if key in self.cache:
@@ -248,9 +248,9 @@ class Study:
         return rec
 
     def run_arm(self, arm: str, base_dir: Path, work: Path) -> None:
-        from selflm.modeling.store import read_manifest
-        from selflm.rounds import records
-        from selflm.rounds.pipeline import run_round
+        from core.db import rounds as records
+        from core.store import read_manifest
+        from worker.rounds.pipeline import run_round
 
         a = self.args
         root = work / arm

@@ -58,7 +58,7 @@ def load_unrelated_documents(source: str) -> tuple[str, list[str]]:
     """A directory: every regular, non-hidden file below it is one document (symlinks and
     identical copies counted once; files with NUL bytes skipped). A file: read as a corpus
     file (``.jsonl``, or documents separated by form feeds / two blank lines)."""
-    from selflm.rounds.data import load_documents
+    from worker.rounds.data import load_documents
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -98,7 +98,7 @@ def _take(texts: list[str], n: int, seed: int) -> list[str]:
 
 
 def build_eval_sets(domain: str | None, unrelated: str, cfg: MeasureConfig) -> EvalSets:
-    from selflm.rounds.data import SPLIT_SEED, load_corpus, passages, prompts_from
+    from worker.rounds.data import SPLIT_SEED, load_corpus, passages, prompts_from
 
     corpus = load_corpus(domain, seed=SPLIT_SEED)
     test_all = passages(corpus.test)
@@ -132,11 +132,11 @@ def build_eval_sets(domain: str | None, unrelated: str, cfg: MeasureConfig) -> E
 def measure(path: Path, device_name: str, sets: EvalSets, cfg: MeasureConfig) -> dict[str, Any]:
     import torch
 
-    from selflm.modeling.device import pick_device
-    from selflm.modeling.loader import load_checkpoint
-    from selflm.rounds.evaluate import perplexity
-    from selflm.rounds.generate import generate_samples
-    from selflm.rounds.textstats import diversity
+    from core.modeling.device import pick_device
+    from core.modeling.loader import load_checkpoint
+    from worker.rounds.evaluate import perplexity
+    from worker.rounds.generate import generate_samples
+    from worker.rounds.textstats import diversity
 
     started = time.perf_counter()
     loaded = load_checkpoint(path, pick_device(device_name), torch.float32)

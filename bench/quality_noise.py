@@ -39,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from selflm.modeling.loader import load_checkpoint
-    from selflm.rounds.generate import generate_samples
-    from selflm.rounds.textstats import diversity
+    from core.modeling.loader import load_checkpoint
+    from worker.rounds.generate import generate_samples
+    from worker.rounds.textstats import diversity
 
     cfg = MeasureConfig(
         **{

@@ -18,7 +18,7 @@ def slug(text: str) -> str:
 
 
 def _settings(root: Path, base_model: str, device: str) -> Any:
-    from selflm.settings import Settings
+    from core.settings import Settings
 
     values: dict[str, Any] = {
         "database_url": f"sqlite:///{root / 'selflm.db'}",
@@ -34,8 +34,8 @@ def _settings(root: Path, base_model: str, device: str) -> Any:
 
 def prepare_base(root: Path, base_model: str, device: str) -> Path:
     """Import the base model once (the GGUF dequantisation is slow); arms copy its v1."""
-    from selflm.checkpoints import ensure_base_checkpoint
-    from selflm.db.session import Database, upgrade
+    from core.db.session import Database, upgrade
+    from core.registry import ensure_base_checkpoint
 
     settings = _settings(root, base_model, device)
     upgrade(settings.database_url)
@@ -50,9 +50,9 @@ def prepare_base(root: Path, base_model: str, device: str) -> Path:
 def open_arm_store(
     root: Path, base_dir: Path, base_model: str, device: str, fresh: bool
 ) -> tuple[Any, Any]:
-    from selflm.checkpoints import ensure_base_checkpoint
-    from selflm.db.session import Database, upgrade
-    from selflm.modeling.store import checkpoint_path
+    from core.db.session import Database, upgrade
+    from core.registry import ensure_base_checkpoint
+    from core.store import checkpoint_path
 
     if fresh and root.exists():
         shutil.rmtree(root)
@@ -70,7 +70,7 @@ def open_arm_store(
 def finished_rounds(db: Any) -> list[Any]:
     """The store's finished rounds in order; rounds an interrupted run left open are closed
     first (as promoted when their promotion had committed, else cancelled)."""
-    from selflm.rounds import records
+    from core.db import rounds as records
 
     rows, _ = records.list_rounds(db, LINEAGE, limit=100000, offset=0)
     rows.reverse()
@@ -91,7 +91,7 @@ def champion_after(db: Any, rows: Sequence[Any]) -> tuple[int, Path, dict[str, A
     """The champion once ``rows`` (finished rounds, in order) have run: the last promoted
     candidate, else v1. Derived from the rounds, not the live pointer, so a resumed run
     measures round i's champion even if later rounds already ran."""
-    from selflm.checkpoints import get_checkpoint
+    from core.registry import get_checkpoint
 
     version = 1
     for row in rows:
@@ -106,7 +106,7 @@ def champion_after(db: Any, rows: Sequence[Any]) -> tuple[int, Path, dict[str, A
 
 def round_summary(row: Any) -> dict[str, Any]:
     """The round's own numbers (dev gate, ε, selection, timings) from its metrics."""
-    from selflm.rounds import records
+    from core.db import rounds as records
 
     flat: dict[str, float] = {}
     for stage, values in records.metrics_dict(row).items():

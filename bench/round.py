@@ -45,12 +45,12 @@ from bench.common import (
     workdir_for,
     write_json,
 )
-from selflm.modeling.device import dtype_name, pick_device
-from selflm.modeling.loader import load_checkpoint
-from selflm.rounds.data import load_corpus, passages
-from selflm.rounds.evaluate import encode_texts, split_windows
-from selflm.rounds.generate import GenerateResult, generate_samples
-from selflm.rounds.update import TrainConfig, autocast_dtype, finetune
+from core.modeling.device import dtype_name, pick_device
+from core.modeling.loader import load_checkpoint
+from worker.rounds.data import load_corpus, passages
+from worker.rounds.evaluate import encode_texts, split_windows
+from worker.rounds.generate import GenerateResult, generate_samples
+from worker.rounds.update import TrainConfig, autocast_dtype, finetune
 
 log = logging.getLogger("bench.round")
 
@@ -106,8 +106,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _champion_path(database_url: str, lineage: str) -> Path:
-    from selflm.checkpoints import get_champion
-    from selflm.db.session import Database
+    from core.db.session import Database
+    from core.registry import get_champion
 
     db = Database(database_url)
     try:

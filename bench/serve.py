@@ -48,7 +48,7 @@ from bench.common import (
     workdir_for,
     write_json,
 )
-from selflm.modeling.device import pick_device
+from core.modeling.device import pick_device
 
 log = logging.getLogger("bench.serve")
 

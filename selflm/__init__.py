@@ -1,3 +1,1 @@
-"""selflm: an LLM service that improves itself through self-update rounds."""
-
-__version__ = "0.1.0"
+"""The `selflm` command line: composes the service (`app`), the worker and the migrations."""

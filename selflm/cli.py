@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from selflm.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("selflm")
 
@@ -23,7 +23,7 @@ def _logging() -> None:
 
 
 def cmd_migrate(settings: Settings) -> int:
-    from selflm.db.session import upgrade
+    from core.db.session import upgrade
 
     upgrade(settings.database_url)
     log.info("database at head: %s", settings.database_url.split("@")[-1])
@@ -59,9 +59,9 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
 def cmd_serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
-    from selflm.app.main import create_app
-    from selflm.checkpoints import ensure_base_checkpoint
-    from selflm.db.session import Database, upgrade
+    from app.main import create_app
+    from core.db.session import Database, upgrade
+    from core.registry import ensure_base_checkpoint
 
     if settings.database_url.startswith("sqlite"):
         upgrade(settings.database_url)
@@ -80,7 +80,8 @@ def cmd_serve(settings: Settings, host: str, port: int) -> int:
 
 
 def cmd_worker(settings: Settings, extra: Sequence[str]) -> int:
-    from selflm.worker.celery_app import QUEUE, app, configure
+    from core.queue import QUEUE
+    from worker.celery_app import app, configure
 
     configure(app, settings)
     argv = ["worker", "--loglevel=INFO", "-Q", QUEUE, "--concurrency=1", *extra]

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
-from selflm.settings import Settings
+from core.settings import Settings
 
 PG_DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -154,7 +154,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The real app on tiny:llama, started once per module (the lifespan runs: ~10 s)."""
     from fastapi.testclient import TestClient
 
-    from selflm.app.main import create_app
+    from app.main import create_app
 
     settings = _tiny_settings(tmp_path_factory.mktemp("app"))
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:

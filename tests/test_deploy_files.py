@@ -315,7 +315,7 @@ def test_healthcheck_commands(services: dict[str, dict[str, Any]]) -> None:
     assert "redis-cli" in text("redis") and "ping" in text("redis")
     assert "http://127.0.0.1:8080/health" in text("api")
     worker = text("worker")
-    assert "celery" in worker and "selflm" in worker and "ping" in worker
+    assert "celery" in worker and "worker.celery_app" in worker and "ping" in worker
     if "$HOSTNAME" in worker.replace("$$", "$"):
         # Variable expansion needs a shell; `$$` stops compose interpolating it itself.
         assert services["worker"]["healthcheck"]["test"][0] == "CMD-SHELL"

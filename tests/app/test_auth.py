@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from selflm.app.main import create_app
-from selflm.settings import Settings
+from app.main import create_app
+from core.settings import Settings
 
 
 @pytest.fixture(scope="module")

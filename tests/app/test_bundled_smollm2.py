@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from selflm.checkpoints import get_champion
-from selflm.db.session import Database
-from selflm.modeling.store import verify_checkpoint
+from core.db.session import Database
+from core.registry import get_champion
+from core.store import verify_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -18,12 +18,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from selflm.checkpoints import ensure_base_checkpoint, promote
-from selflm.db.models import Checkpoint
-from selflm.db.session import Database, upgrade
-from selflm.modeling.loader import tiny_model
-from selflm.modeling.store import write_checkpoint
-from selflm.settings import Settings
+from core.db.models import Checkpoint
+from core.db.session import Database, upgrade
+from core.modeling.loader import tiny_model
+from core.registry import ensure_base_checkpoint, promote
+from core.settings import Settings
+from core.store import write_checkpoint
 
 REDIS = os.environ.get("SELFLM_TEST_REDIS_URL", "redis://127.0.0.1:6379") + "/12"
 

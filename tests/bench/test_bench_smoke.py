@@ -135,7 +135,7 @@ def test_gpu_model_builds_a_loadable_random_checkpoint(tmp_path: Path) -> None:
     """bench/gpu_model.py on a tiny spec: an HF directory that SELFLM_BASE_MODEL accepts,
     its logits scaled to the asked standard deviation, the same weights for the same seed."""
     from bench import gpu_model
-    from selflm.modeling.loader import load_base
+    from core.modeling.loader import load_base
 
     spec = json.loads(gpu_model.CONFIG.read_text())
     assert spec["config"]["num_hidden_layers"] == 30 and spec["config"]["hidden_size"] == 576

@@ -132,7 +132,7 @@ def test_two_study_processes_share_one_results_file(tmp_path: Path) -> None:
 
 def test_probe_noise_runs_several_seeds_on_one_checkpoint(tmp_path: Path) -> None:
     from bench import quality_noise
-    from selflm.modeling.loader import tiny_model
+    from core.modeling.loader import tiny_model
 
     loaded = tiny_model("llama", seed=0)
     ck = tmp_path / "ck"

@@ -13,9 +13,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from selflm.checkpoints import get_champion, promote
-from selflm.db.models import Base, Checkpoint, RoundMetric, UpdateRound
-from selflm.db.session import Database, downgrade, make_engine, upgrade
+from core.db.models import Base, Checkpoint, RoundMetric, UpdateRound
+from core.db.session import Database, downgrade, make_engine, upgrade
+from core.registry import get_champion, promote
 
 # Written out from DESIGN.md's "Data" section, not derived from the ORM, so a column dropped
 # from both the models and the migration is still caught.

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from selflm.engine.decode import Row, decode_batch
-from selflm.engine.interface import SamplingParams
-from selflm.modeling.loader import tiny_model
+from core.modeling.decode import Row, decode_batch
+from core.modeling.loader import tiny_model
+from core.modeling.params import SamplingParams
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selflm.engine.interface import SamplingParams
-from selflm.engine.sampling import CANDIDATES, choose_next, warp
+from core.modeling.params import SamplingParams
+from core.modeling.sampling import CANDIDATES, choose_next, warp
 
 
 def draws(logits: torch.Tensor, p: SamplingParams, n: int) -> torch.Tensor:

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from selflm.checkpoints import ensure_base_checkpoint, get_champion
-from selflm.db.session import Database, upgrade
-from selflm.modeling import loader
-from selflm.modeling.store import (
+from core.db.session import Database, upgrade
+from core.modeling import loader
+from core.registry import ensure_base_checkpoint, get_champion
+from core.settings import Settings
+from core.store import (
     MANIFEST,
     CheckpointError,
     checkpoint_path,
@@ -32,7 +33,6 @@ from selflm.modeling.store import (
     verify_checkpoint,
     write_checkpoint,
 )
-from selflm.settings import Settings
 
 # --------------------------------------------------------------------------- sources
 
@@ -157,7 +157,7 @@ def _mtimes(path: Path) -> dict[str, int]:
 
 
 def _engine(settings: Settings) -> Any:
-    from selflm.engine.torch_engine import TorchEngine
+    from app.engine.torch_engine import TorchEngine
 
     return TorchEngine(settings)
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from selflm.rounds.data import (
+from worker.rounds.data import (
     PYDOC_MIN_CHARS,
     Corpus,
     load_corpus,

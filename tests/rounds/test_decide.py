@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from selflm.modeling.loader import tiny_model
-from selflm.rounds.decide import DiversityCheck, decide
-from selflm.rounds.diversity_gate import DiversityCache, Probe, weights_key
-from selflm.rounds.textstats import DiversityStats
+from core.modeling.loader import tiny_model
+from worker.rounds.decide import DiversityCheck, decide
+from worker.rounds.diversity_gate import DiversityCache, Probe, weights_key
+from worker.rounds.textstats import DiversityStats
 
 BASE = DiversityStats(distinct_1=0.3, distinct_2=0.75, repetition_rate=0.06)
 

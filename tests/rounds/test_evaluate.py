@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from selflm.modeling.loader import load_base
-from selflm.rounds.evaluate import (
+from core.modeling.loader import load_base
+from worker.rounds.evaluate import (
     IGNORE_INDEX,
     Perplexity,
     collate,

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from selflm.modeling.loader import load_base
-from selflm.rounds.evaluate import perplexity
-from selflm.rounds.metastep import MetaStepResult, interpolate_into, meta_step, state_copy
+from core.modeling.loader import load_base
+from worker.rounds.evaluate import perplexity
+from worker.rounds.metastep import MetaStepResult, interpolate_into, meta_step, state_copy
 
 PROBE = "model.layers.0.mlp.up_proj.weight"
 
@@ -113,7 +113,7 @@ def test_nan_scores_lose_ties_go_first_and_empty_grid_raises(tiny):
 
 
 def test_ranked_orders_epsilons_best_first_with_nan_last() -> None:
-    from selflm.rounds.metastep import MetaStepResult
+    from worker.rounds.metastep import MetaStepResult
 
     r = MetaStepResult(epsilon=0.5, scores={0.25: 19.0, 0.5: 18.0, 1.0: float("nan"), 2.0: 19.0})
     assert r.ranked() == [0.5, 0.25, 2.0, 1.0]

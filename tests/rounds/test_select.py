@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from selflm.rounds import select as sel
-from selflm.rounds.select import (
+from worker.rounds import select as sel
+from worker.rounds.select import (
     STRATEGIES,
     FilterConfig,
     Sample,
@@ -21,7 +21,7 @@ from selflm.rounds.select import (
     select_random,
     split_train_valid,
 )
-from selflm.rounds.textstats import jaccard, ngrams, words
+from worker.rounds.textstats import jaccard, ngrams, words
 
 NORMAL = "The quick brown fox jumps over the lazy dog near the quiet river bank today."
 THIRTY = (
@@ -136,7 +136,7 @@ def test_dedup_agrees_with_brute_force_reference() -> None:
 def test_minhash_is_stable_across_processes() -> None:
     root = Path(__file__).resolve().parents[2]
     code = (
-        "from selflm.rounds import select as s; "
+        "from worker.rounds import select as s; "
         "print(s._minhash(s._shingles(" + repr(THIRTY) + ", 3))[:4])"
     )
     outs = {

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from selflm.rounds.textstats import (
+from worker.rounds.textstats import (
     DiversityStats,
     distinct_n,
     diversity,

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from selflm.modeling.device import cpu_has_fast_bf16
-from selflm.modeling.loader import load_base
-from selflm.rounds import update
-from selflm.rounds.evaluate import encode_texts, perplexity
-from selflm.rounds.metastep import state_copy
-from selflm.rounds.update import EpochStats, TrainConfig, autocast_dtype, finetune
+from core.modeling.device import cpu_has_fast_bf16
+from core.modeling.loader import load_base
+from worker.rounds import update
+from worker.rounds.evaluate import encode_texts, perplexity
+from worker.rounds.metastep import state_copy
+from worker.rounds.update import EpochStats, TrainConfig, autocast_dtype, finetune
 
 REPEATED = [
     "The cat sat on the mat. The cat sat on the mat.",

@@ -16,12 +16,12 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from selflm.app.main import create_app
-from selflm.db.models import Checkpoint, RoundMetric
-from selflm.db.session import Database, upgrade
-from selflm.rounds.pipeline import run_round
-from selflm.settings import Settings
-from selflm.worker.client import enqueue_round, make_client
+from app.main import create_app
+from core.db.models import Checkpoint, RoundMetric
+from core.db.session import Database, upgrade
+from core.queue import enqueue_round, make_client
+from core.settings import Settings
+from worker.rounds.pipeline import run_round
 
 REDIS = os.environ.get("SELFLM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 

@@ -1,0 +1,242 @@
+"""Batched decoding with a KV cache for rows that each carry their own parameters.
+
+Used by the serving engine and by a round's generate stage. Prompts are left-padded; a row
+that finishes (EOS, stop sequence, length) leaves the batch at once, so it neither costs
+compute nor waits for the longest row.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from core.modeling.params import FinishReason, SamplingParams, TokenInfo
+from core.modeling.sampling import apply_repetition_penalty, choose_next
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    prompt_ids: list[int]
+    params: SamplingParams
+    want_tokens: bool = False
+    seed: int | None = None
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None
+    # Called from the decoding thread with (token id, logprob) as each token is chosen.
+    on_token: Callable[[int, float], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.do_sample:
+            # TGI reports the seed it used; pick one when the client gave none.
+            self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        value = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def forward_kwargs(model: Any) -> tuple[str, bool]:
+    """The cache keyword (`cache` in transformers ≥ 5.2x, `past_key_values` before) and
+    whether the model accepts `logits_to_keep` (skips the vocab projection of the prompt)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _check_stop(row: Row, tokenizer: Any) -> bool:
+    text = tokenizer.decode(row.generated, skip_special_tokens=True)
+    cut = -1
+    for s in row.params.stop:
+        i = text.find(s)
+        if i >= 0 and (cut < 0 or i + len(s) < cut):
+            cut = i + len(s)
+    if cut >= 0:
+        # TGI keeps the stop sequence in generated_text and drops anything after it.
+        row.text = text[:cut]
+        return True
+    return False
+
+
+def _finish(row: Row, tokenizer: Any, reason: FinishReason) -> None:
+    row.finish_reason = reason
+    if reason != "stop_sequence":
+        row.text = tokenizer.decode(row.generated, skip_special_tokens=True)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def can_join(cache: DynamicCache) -> bool:
+    """Rows can join a running batch only with plain per-layer caches (no sliding window)."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _merge(
+    cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
+) -> torch.Tensor:
+    """Append `other`'s rows to `cache` (in place); returns the merged attention mask.
+
+    Both are left-padded to the longer length; padded positions are masked out, and
+    positions come from the mask, so every row keeps its own positions.
+    """
+    width = max(mask.shape[1], other_mask.shape[1])
+    for layer, new in zip(cache.layers, other.layers, strict=True):
+        # can_join() checked these are DynamicLayer: plain key/value tensors.
+        assert isinstance(layer, DynamicLayer) and isinstance(new, DynamicLayer)
+        assert layer.keys is not None and layer.values is not None
+        assert new.keys is not None and new.values is not None
+        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(new.keys, width, 2)])
+        layer.values = torch.cat(
+            [_left_pad(layer.values, width, 2), _left_pad(new.values, width, 2)]
+        )
+    return torch.cat([_left_pad(mask, width, 1), _left_pad(other_mask, width, 1)])
+
+
+def _prefill(
+    model: Any, rows: list[Row], pad: int, device: torch.device
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    width = max(len(r.prompt_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        mask[i, width - len(r.prompt_ids) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    cache_kw, has_keep = forward_kwargs(model)
+    extra: dict[str, Any] = {cache_kw: cache, "use_cache": True}
+    if has_keep:
+        extra["logits_to_keep"] = 1  # only the last position's logits are needed
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra)
+    return cache, mask, out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def decode_batch(
+    model: Any,
+    tokenizer: Any,
+    rows: list[Row],
+    pad_id: int | None = None,
+    admit: Callable[[int], list[Row]] | None = None,
+    on_finish: Callable[[Row], None] | None = None,
+    max_rows: int | None = None,
+) -> None:
+    """Generate for every row in place until each has a finish_reason.
+
+    `on_finish(row)` is called the moment a row finishes, so its caller is answered without
+    waiting for the rest of the batch. `admit(n)` is asked between steps for up to `n` new
+    rows to join the running batch (continuous batching), keeping at most `max_rows`
+    (default: the initial number of rows) in flight; it may return none.
+    """
+    if not rows:
+        return
+    device = next(model.parameters()).device
+    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
+    stops = eos_ids(model, tokenizer)
+    cache_kw, _ = forward_kwargs(model)
+    cache, mask, logits = _prefill(model, rows, pad, device)
+    joinable = admit is not None and can_join(cache)
+    active = list(rows)
+    seen = [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in rows]
+    max_rows = max_rows or len(rows)
+
+    def done(r: Row, reason: FinishReason | None = None) -> None:
+        if reason is not None:
+            _finish(r, tokenizer, reason)
+        if on_finish is not None:
+            on_finish(r)
+
+    while active:
+        penalties = [r.params.repetition_penalty for r in active]
+        if any(p not in (None, 1.0) for p in penalties):
+            logits = logits.float().clone()
+            apply_repetition_penalty(logits, seen, penalties)
+        chosen, lp = choose_next(logits, [r.params for r in active], [r.generator for r in active])
+        chosen_list = chosen.tolist()
+        lp_list = lp.tolist()
+        keep: list[int] = []
+        for j, r in enumerate(active):
+            tok = int(chosen_list[j])
+            if tok in stops:
+                done(r, "eos_token")
+                continue
+            r.generated.append(tok)
+            r.logprobs.append(float(lp_list[j]))
+            if r.on_token is not None:
+                r.on_token(tok, float(lp_list[j]))
+            if r.params.repetition_penalty not in (None, 1.0):
+                seen[j] = torch.cat([seen[j], chosen[j : j + 1]])
+            if r.params.stop and _check_stop(r, tokenizer):
+                r.finish_reason = "stop_sequence"
+                done(r)
+            elif len(r.generated) >= r.params.max_new_tokens:
+                done(r, "length")
+            else:
+                keep.append(j)
+        if len(keep) < len(active):
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(idx)
+            mask, chosen = mask[idx], chosen[idx]
+            active = [active[j] for j in keep]
+            seen = [seen[j] for j in keep]
+        newcomers = admit(max_rows - len(active)) if joinable and admit is not None else []
+        if not active and not newcomers:
+            break
+        if active:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            positions = mask.sum(-1, keepdim=True) - 1
+            out = model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            logits = out.logits[:, -1, :]
+        if newcomers:
+            # Prefill the newcomers on their own, then append them to the running batch.
+            new_cache, new_mask, new_logits = _prefill(model, newcomers, pad, device)
+            if active:
+                mask = _merge(cache, mask, new_cache, new_mask)
+                logits = torch.cat([logits, new_logits])
+            else:
+                cache, mask, logits = new_cache, new_mask, new_logits
+            active += newcomers
+            seen += [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in newcomers]
+
+
+def token_details(row: Row, tokenizer: Any) -> list[TokenInfo]:
+    special = set(tokenizer.all_special_ids)
+    return [
+        TokenInfo(id=t, text=tokenizer.decode([t]), logprob=lp, special=t in special)
+        for t, lp in zip(row.generated, row.logprobs, strict=True)
+    ]

@@ -1,0 +1,245 @@
+"""The decide stage's diversity measurement: a fixed probe, cached per checkpoint.
+
+A round samples the same prompts (drawn from the domain train split with a fixed seed) with
+the same sampling seed every time, so a model's diversity numbers are a function of its weights
+and of the probe's settings. That makes two things possible:
+
+* comparing a candidate with the lineage's *base* (its first version) as well as with its
+  parent, so small per-round losses cannot add up unnoticed across rounds;
+* caching each checkpoint's numbers in ``<checkpoint_dir>/<lineage>/diversity.json``, keyed by
+  the checkpoint's file digests and the probe's settings: the parent's and the base's numbers
+  are measured once, not every round.
+
+One round per lineage runs at a time (a unique index), so the cache has one writer per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from core.db.models import Checkpoint
+from core.db.session import Database
+from core.modeling.loader import load_checkpoint
+from core.store import verify_checkpoint
+from worker.rounds.data import prompts_from
+from worker.rounds.decide import Decision, DiversityCheck, decide
+from worker.rounds.generate import generate_samples
+from worker.rounds.metastep import MetaStepResult, interpolate_into
+from worker.rounds.textstats import DiversityStats, diversity
+
+log = logging.getLogger(__name__)
+
+PROMPT_SEED = 2468  # the probe's prompt draw from the train split; fixed for every round
+SAMPLE_SEED = 1357  # the probe's sampling seed; fixed for every round
+CACHE_FILE = "diversity.json"
+
+
+def weights_key(manifest: dict[str, Any]) -> str:
+    """A digest of a checkpoint's files: equal keys mean identical weights and tokenizer."""
+    files = manifest.get("files", {})
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    batch_size: int
+
+    @classmethod
+    def from_train(
+        cls,
+        train_docs: list[str],
+        n_prompts: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        batch_size: int,
+    ) -> Probe:
+        prompts = prompts_from(train_docs, n_prompts, random.Random(PROMPT_SEED))
+        return cls(tuple(prompts), max_new_tokens, temperature, top_p, batch_size)
+
+    def key(self) -> str:
+        """The settings that change the numbers (not the batch size: rows are seeded alone)."""
+        body = [list(self.prompts), self.max_new_tokens, self.temperature, self.top_p, SAMPLE_SEED]
+        return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+
+    def run(self, model: Any, tokenizer: Any) -> DiversityStats:
+        gen = generate_samples(
+            model,
+            tokenizer,
+            list(self.prompts),
+            1,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            SAMPLE_SEED,
+            self.batch_size,
+        )
+        return diversity([s.text for s in gen.samples])
+
+
+class DiversityCache:
+    """``{"<weights key>:<probe key>": {distinct_1, distinct_2, repetition_rate}}`` on disk."""
+
+    def __init__(self, lineage_dir: Path) -> None:
+        self.path = lineage_dir / CACHE_FILE
+
+    def _read(self) -> dict[str, dict[str, float]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            log.warning("unreadable diversity cache %s; starting afresh", self.path)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, manifest: dict[str, Any], probe: Probe) -> DiversityStats | None:
+        entry = self._read().get(f"{weights_key(manifest)}:{probe.key()}")
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return DiversityStats(
+                distinct_1=float(entry["distinct_1"]),
+                distinct_2=float(entry["distinct_2"]),
+                repetition_rate=float(entry["repetition_rate"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def put(self, manifest: dict[str, Any], probe: Probe, stats: DiversityStats) -> None:
+        data = self._read()
+        data[f"{weights_key(manifest)}:{probe.key()}"] = asdict(stats)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".diversity-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def measure(
+        self, model: Any, tokenizer: Any, manifest: dict[str, Any], probe: Probe
+    ) -> DiversityStats:
+        """The cached numbers for this checkpoint, or measure and cache them."""
+        cached = self.get(manifest, probe)
+        if cached is not None:
+            return cached
+        stats = probe.run(model, tokenizer)
+        self.put(manifest, probe, stats)
+        return stats
+
+
+@dataclass(frozen=True)
+class RootCheckpoint:
+    version: int
+    path: str
+    manifest: dict[str, Any]
+
+
+def lineage_root(db: Database, lineage: str) -> RootCheckpoint | None:
+    """The lineage's first version: the base every later version descends from."""
+    with db.session() as s:
+        row = s.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.lineage == lineage)
+            .order_by(Checkpoint.version)
+            .limit(1)
+        ).one_or_none()
+        if row is None:
+            return None
+        return RootCheckpoint(row.version, row.path, dict(row.manifest))
+
+
+def check_diversity(
+    db: Database,
+    lineage: str,
+    cache: DiversityCache,
+    probe: Probe,
+    models: tuple[Any, Any, Any],
+    parent_manifest: dict[str, Any],
+    tolerances: tuple[float, float],
+) -> DiversityCheck:
+    """Parent, lineage base and candidate on one fixed probe; parent and base from the cache
+    when measured before. ``models`` is (parent, candidate, tokenizer); ``tolerances`` is
+    (absolute vs the parent, relative vs the base)."""
+    model, candidate, tok = models
+    parent = cache.measure(model, tok, parent_manifest, probe)
+    base: DiversityStats | None = None
+    root = lineage_root(db, lineage)
+    if root is not None and weights_key(root.manifest) == weights_key(parent_manifest):
+        base = parent
+    elif root is not None:
+        base = cache.get(root.manifest, probe)
+        if base is None:
+            try:
+                verify_checkpoint(Path(root.path), root.manifest)
+                loaded = load_checkpoint(Path(root.path), model.device, torch.float32)
+            except Exception as e:  # the base's files are gone: check against the parent only
+                log.warning("lineage %s: base v%d unusable (%s)", lineage, root.version, e)
+            else:
+                base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe)
+                del loaded
+    return DiversityCheck(
+        parent=parent,
+        candidate=probe.run(candidate, tok),
+        tolerance=tolerances[0],
+        base=base,
+        base_tolerance=tolerances[1],
+    )
+
+
+def largest_diverse_step(
+    ms: MetaStepResult,
+    parent_state: dict[str, torch.Tensor],
+    candidate: Any,
+    parent_dev_ppl: float,
+    margin: float,
+    check: Callable[[], DiversityCheck],
+    record: Callable[[dict[str, float]], None],
+) -> tuple[Decision, DiversityCheck, float]:
+    """The largest dev gain whose diversity holds: ε from best dev perplexity down, until one
+    passes or the gain falls under the margin. A smaller ε keeps the candidate closer to its
+    parent, so a step whose full size loses diversity can still be taken in part.
+
+    ``candidate`` holds the meta-step's ε on entry and the returned ε on exit; ``check``
+    measures its diversity as it stands; ``record`` stores each ε's numbers."""
+    assert ms.delta is not None, "meta_step(..., keep_delta=True) is needed"
+    current = ms.epsilon
+    tried: list[str] = []
+    for eps in ms.ranked():
+        if eps != current:
+            interpolate_into(candidate, parent_state, ms.delta, eps)
+            current = eps
+        div = check()
+        verdict = decide("dev", parent_dev_ppl, ms.scores[eps], margin, div)
+        record(
+            {
+                f"diversity_ok_eps_{eps:g}": float(not div.failures()),
+                f"candidate_distinct_2_eps_{eps:g}": div.candidate.distinct_2,
+                f"candidate_repetition_rate_eps_{eps:g}": div.candidate.repetition_rate,
+            }
+        )
+        if verdict.promote or verdict.improvement < margin:
+            break
+        tried.append(f"ε={eps:g}")
+    note = f" (diversity failed at {', '.join(tried)})" if tried and verdict.promote else ""
+    reason = verdict.reason.replace(":", f" at ε={current:g}{note}:", 1)
+    return Decision(verdict.promote, reason, verdict.improvement), div, current

@@ -1,0 +1,331 @@
+"""Update step of a round: fine-tune a copy of the champion, early-stopped on valid loss.
+
+The caller hands in a copy of the champion (the serving engine keeps the original) and the
+already mixed training texts (selected samples plus real replay text). Sequences are
+encoded, windowed and scored with exactly the conventions of :mod:`worker.rounds.evaluate`,
+so the valid loss here and the perplexities of the evaluate stage measure the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from core.modeling.device import cpu_has_fast_bf16
+from worker.rounds.evaluate import (
+    TextsOrIds,
+    collate,
+    encode_texts,
+    length_batches,
+    model_device,
+    pad_id_of,
+    score_sequences,
+    split_windows,
+    token_nll,
+)
+from worker.rounds.metastep import state_copy
+
+__all__ = [
+    "EpochStats",
+    "TrainConfig",
+    "TrainResult",
+    "autocast_dtype",
+    "finetune",
+    "replay_ids",
+]
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST_MODES = ("auto", "bf16", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 5e-5
+    epochs: int = 2
+    batch_size: int = 8
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 or less disables clipping
+    weight_decay: float = 0.0
+    max_length: int = 256
+    patience: int = 1
+    autocast: str = "auto"  # auto | bf16 | off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Fail before a round has spent minutes generating data.
+        if self.autocast not in _AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {_AUTOCAST_MODES}, not {self.autocast!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("epochs, batch_size and patience must be at least 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.learning_rate <= 0.0 or self.weight_decay < 0.0:
+            raise ValueError("learning_rate must be positive and weight_decay non-negative")
+        if self.max_length < 2:
+            raise ValueError("max_length must be at least 2")
+
+
+@dataclass
+class EpochStats:
+    """``train_loss`` and ``valid_loss`` are token-weighted mean NLL (nats per token);
+    ``seconds`` covers the epoch's training steps and its validation."""
+
+    epoch: int
+    train_loss: float
+    valid_loss: float | None
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """``tokens_per_s`` is trained tokens over time spent in training steps only."""
+
+    epochs: list[EpochStats]
+    best_epoch: int
+    stopped_early: bool
+    tokens_trained: int
+    seconds: float
+    tokens_per_s: float
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """bf16 when asked, or under "auto" where the device runs bf16 matmuls natively.
+
+    float16 is never chosen: it needs loss scaling, and a GPU without bf16 is rare enough
+    that float32 is the simpler safe answer there. On a CPU without AVX512-BF16/AMX, bf16
+    is emulated and slower than float32, hence the check.
+    """
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return None
+
+
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        # Warmup starts at 1/warmup rather than 0 so the first step is not wasted.
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and norm gains (1-D tensors) are not decayed: shrinking them toward zero
+    # only distorts the activations' scale.
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _batches(
+    windows: Sequence[list[int]], batch_size: int, rng: random.Random, epochs: int
+) -> Iterator[list[list[list[int]]]]:
+    """Per epoch, the length-bucketed batches in a seeded random order."""
+    buckets = length_batches([len(w) for w in windows], batch_size)
+    for _ in range(epochs):
+        order = list(range(len(buckets)))
+        rng.shuffle(order)
+        yield [[windows[j] for j in buckets[b]] for b in order]
+
+
+def _mean(nll: Sequence[float], counts: Sequence[int]) -> float | None:
+    tokens = sum(counts)
+    return math.fsum(nll) / tokens if tokens else None
+
+
+def finetune(
+    model: Any,
+    tokenizer: Any,
+    train: TextsOrIds,
+    valid: TextsOrIds,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place; return per-epoch statistics.
+
+    After each epoch the token-weighted valid loss is computed; the best state is kept on
+    the CPU, training stops once valid loss has not improved for ``cfg.patience`` epochs,
+    and the best state is restored at the end. With an empty ``valid`` there is no early
+    stop and the last epoch's weights are kept. The model is left in eval mode.
+    """
+    pad_id = pad_id_of(tokenizer)
+    train_windows = [w for _, w in split_windows(encode_texts(tokenizer, train), cfg.max_length)]
+    # A one-id window has nothing to predict; leaving it out keeps every step useful.
+    train_windows = [w for w in train_windows if len(w) >= 2]
+    if not train_windows:
+        raise ValueError("nothing to train on: every training text is empty")
+    valid_seqs = encode_texts(tokenizer, valid)
+
+    device = model_device(model)
+    amp = autocast_dtype(cfg.autocast, device)
+    master = next(model.parameters()).dtype
+    if master != torch.float32:
+        # Master weights must stay float32: AdamW steps on bf16 weights round most updates
+        # away. The caller owns the copy's dtype; say so rather than converting silently.
+        log.warning("fine-tuning a %s model; expected float32 master weights", master)
+
+    torch.manual_seed(cfg.seed)  # dropout, where the architecture has any
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = math.ceil(len(train_windows) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = math.ceil(total_steps * cfg.warmup_ratio)
+    # One fused kernel for the whole update on CUDA (a 135M model's step is launch-bound there).
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        fused=True if device.type == "cuda" else None,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info(
+        "fine-tune: %d windows, %d steps (%d warmup), lr %g, autocast %s, device %s",
+        len(train_windows),
+        total_steps,
+        warmup,
+        cfg.learning_rate,
+        amp,
+        device,
+    )
+
+    history: list[EpochStats] = []
+    best_loss = math.inf
+    best_epoch = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    stale = 0
+    stopped_early = False
+    tokens_trained = 0
+    train_seconds = 0.0
+    started = time.perf_counter()
+
+    for epoch, batches in enumerate(_batches(train_windows, cfg.batch_size, rng, cfg.epochs), 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        # Accumulated on the device: no host sync per step, so a GPU never waits on Python.
+        epoch_nll_t = torch.zeros((), dtype=torch.float64, device=device)
+        epoch_tokens = 0
+        for batch in batches:
+            ids, mask, labels = collate(batch, pad_id, device)
+            with _autocast(device, amp):
+                row_nll, _ = token_nll(model, ids, mask, labels)
+            count = sum(max(0, len(w) - 1) for w in batch)  # = the labels token_nll predicts
+            # Token-weighted mean over the batch: length-bucketed batches differ in size,
+            # and a per-row mean would overweight short sequences.
+            loss = row_nll.sum() / count
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            epoch_nll_t += row_nll.detach().double().sum()
+            epoch_tokens += count
+        epoch_nll = float(epoch_nll_t)
+        tokens_trained += epoch_tokens
+        train_seconds += time.perf_counter() - epoch_start
+
+        valid_loss: float | None = None
+        if valid_seqs:
+            nll, counts = score_sequences(model, valid_seqs, pad_id, cfg.batch_size, cfg.max_length)
+            valid_loss = _mean(nll, counts)
+        stats = EpochStats(
+            epoch=epoch,
+            train_loss=epoch_nll / epoch_tokens,
+            valid_loss=valid_loss,
+            tokens=epoch_tokens,
+            seconds=time.perf_counter() - epoch_start,
+        )
+        history.append(stats)
+        log.info(
+            "epoch %d: train %.4f valid %s (%d tokens, %.1fs)",
+            epoch,
+            stats.train_loss,
+            "n/a" if valid_loss is None else f"{valid_loss:.4f}",
+            epoch_tokens,
+            stats.seconds,
+        )
+        if on_epoch is not None:
+            on_epoch(stats)
+
+        if valid_loss is None:
+            best_epoch = epoch
+            continue
+        if valid_loss < best_loss:
+            best_loss, best_epoch, stale = valid_loss, epoch, 0
+            # Skip the copy on the last epoch: if it is the best, the model already holds it.
+            best_state = state_copy(model) if epoch < cfg.epochs else None
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                stopped_early = epoch < cfg.epochs
+                break
+
+    if best_epoch != history[-1].epoch and best_state is not None:
+        log.info("restoring epoch %d (valid loss %.4f)", best_epoch, best_loss)
+        model.load_state_dict(best_state)
+    model.eval()
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        epochs=history,
+        best_epoch=best_epoch,
+        stopped_early=stopped_early,
+        tokens_trained=tokens_trained,
+        seconds=seconds,
+        tokens_per_s=tokens_trained / train_seconds if train_seconds > 0 else 0.0,
+    )
+
+
+def replay_ids(
+    pool: list[str],
+    tokenizer: Any,
+    train_ids: Sequence[Sequence[int]],
+    fraction: float,
+    max_length: int,
+    rng: random.Random,
+) -> tuple[list[list[int]], int]:
+    """Real passages from ``pool`` (shuffled with ``rng``), as ids cut to ``max_length``,
+    until they make ``fraction`` of all training tokens. Returns the ids and their tokens."""
+    if fraction <= 0:
+        return [], 0
+    synth = sum(len(x) for x in train_ids)
+    target = synth * fraction / (1 - fraction)
+    pool = list(pool)
+    rng.shuffle(pool)
+    out: list[list[int]] = []
+    got = 0
+    for ids in encode_texts(tokenizer, pool):
+        if got >= target:
+            break
+        out.append(ids[:max_length])
+        got += len(out[-1])
+    return out, got
