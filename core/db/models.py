@@ -1,6 +1,6 @@
 """SQLAlchemy 2.0 typed models: checkpoints, update rounds, round metrics, served prompts.
 
-The schema is owned by the Alembic migrations in ``selflm/migrations``; these classes must
+The schema is owned by the Alembic migrations in ``migrations/``; these classes must
 match them (``tests/db/test_migrations.py`` checks that they do).
 """
 
@@ -96,6 +96,13 @@ class UpdateRound(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Progress inside the current stage (0..1) and what it counts (done/total/unit, running
+    # loss, ETA ...), written at a bounded rate by the worker.
+    stage_progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Set by the delivery that claimed the round: a redelivery compares it with the live
+    # owner's to tell "my worker died" from "someone else is running this".
+    claim_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     metrics: Mapped[list[RoundMetric]] = relationship(
         back_populates="round", cascade="all, delete-orphan", order_by="RoundMetric.id"
@@ -126,3 +133,17 @@ class ServedPrompt(Base):
     prompt: Mapped[str] = mapped_column(Text)
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """One row per live worker process (Celery worker or embedded worker), kept fresh by it."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    role: Mapped[str] = mapped_column(String(32), default="worker")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    current_round_id: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -51,10 +51,23 @@ EXPECTED_COLUMNS: dict[str, set[str]] = {
         "heartbeat_at",
         "worker_id",
         "attempts",
+        "stage_progress",
+        "progress_detail",
+        "claim_token",
     },
     "round_metrics": {"id", "round_id", "stage", "name", "value", "step", "created_at"},
     "served_prompts": {"id", "lineage", "prompt", "model_version", "created_at"},
+    "worker_heartbeats": {
+        "worker_id",
+        "hostname",
+        "pid",
+        "role",
+        "started_at",
+        "heartbeat_at",
+        "current_round_id",
+    },
 }
+HEAD = "0002"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -118,7 +131,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     upgrade(db_url)
     tables = _tables(db_url)
     assert set(EXPECTED_COLUMNS) <= tables
-    assert _revision(db_url) == "0001"
+    assert _revision(db_url) == HEAD
     for table, expected in EXPECTED_COLUMNS.items():
         assert set(_columns(db_url, table)) == expected, table
 
@@ -133,7 +146,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 
     upgrade(db_url)
     assert set(EXPECTED_COLUMNS) <= _tables(db_url)
-    assert _revision(db_url) == "0001"
+    assert _revision(db_url) == HEAD
 
     # The re-created schema is usable, not just present.
     db = Database(db_url)
@@ -150,7 +163,7 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
 def test_upgrade_is_idempotent(db_url: str) -> None:
     upgrade(db_url)
     upgrade(db_url)  # already at head: a no-op, not an error
-    assert _revision(db_url) == "0001"
+    assert _revision(db_url) == HEAD
 
 
 # --------------------------------------------------------------------------- constraints
