@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import errors
 from app.engine.interface import Engine
+from app.limits import RequestGuard
 from app.routes import checkpoints, generate, health, metrics, openai, rounds, stream
 from app.state import AppState
 from app.swap import SwapWatcher
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 response.headers["x-model-version"] = str(info.version)
         return response
 
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)  # app/limits.py
     app.include_router(generate.router)
     app.include_router(stream.router)
     app.include_router(openai.router)

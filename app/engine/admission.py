@@ -1,0 +1,116 @@
+"""Admission control for the serving engine: shed load early, with an honest Retry-After.
+
+A request is refused before any work (tokenizing included) when the queue is full, or when
+the wait it would face, estimated from the queue depth and the throughput the engine has
+measured while busy, is longer than the server's `max_queue_wait_s` or the request's own
+deadline. Retry-After is the time the queue needs to drain to where the request would fit.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+
+from app.engine.interface import EngineOverloadedError, EngineValidationError
+
+# The Retry-After we send is kept in this range (seconds).
+MIN_RETRY_S, MAX_RETRY_S = 1, 600
+
+
+class ThroughputMeter:
+    """Requests finished per second of busy time over the last `window_s` seconds.
+
+    Idle time does not count: a burst after a quiet minute is measured at the speed the
+    engine serves, not diluted by the minute. Thread-safe (the batcher records, the event
+    loop reads).
+    """
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        self.window_s = window_s
+        self._done: deque[float] = deque()
+        self._busy_since: float | None = None
+        self._lock = threading.Lock()
+
+    def busy(self, busy: bool) -> None:
+        with self._lock:
+            if busy and self._busy_since is None:
+                self._busy_since = time.monotonic()
+            elif not busy:
+                self._busy_since = None
+
+    def record(self, n: int = 1) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._done.extend([now] * n)
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._done and self._done[0] < now - self.window_s:
+            self._done.popleft()
+
+    def rate(self) -> float | None:
+        """Requests per second, or None without a measurement (nothing finished yet in
+        this busy spell, or under a second of it)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._busy_since is None:
+                return None
+            start = max(now - self.window_s, self._busy_since)
+            self._trim(now)
+            count = sum(1 for t in self._done if t >= start)
+        span = now - start
+        if count == 0 or span < 1.0:
+            return None
+        return count / span
+
+
+def retry_after(excess: float, rate: float | None) -> int:
+    """Seconds for `excess` queued requests to drain at `rate` (1 when unmeasured)."""
+    if rate is None or rate <= 0:
+        return MIN_RETRY_S
+    return max(MIN_RETRY_S, min(MAX_RETRY_S, math.ceil(excess / rate)))
+
+
+def check_admission(
+    depth: int, max_queue: int, max_wait_s: float, rate: float | None, budget_s: float | None
+) -> None:
+    """Raise EngineOverloadedError if a request arriving behind `depth` queued ones should
+    be shed; `budget_s` is what is left of its own deadline (None: no deadline)."""
+    if depth >= max_queue:
+        raise EngineOverloadedError(
+            f"Model is overloaded: {depth} requests queued (limit {max_queue})",
+            retry_after(depth - max_queue + 1, rate),
+        )
+    if rate is None:
+        return
+    wait = depth / rate
+    if wait > max_wait_s:
+        raise EngineOverloadedError(
+            f"Model is overloaded: the estimated wait is {wait:.0f}s (limit {max_wait_s:g}s)",
+            retry_after(depth - max_wait_s * rate, rate),
+        )
+    if budget_s is not None and wait > budget_s:
+        raise EngineOverloadedError(
+            f"Model is overloaded: the estimated wait of {wait:.0f}s is longer than the "
+            f"request's deadline ({budget_s:.1f}s left)",
+            retry_after(depth - budget_s * rate, rate),
+        )
+
+
+def deadline(timeout_s: float, header: str | None) -> float | None:
+    """The request's deadline (time.monotonic()): the server's `timeout_s` (0: none),
+    shortened by the client's `X-Request-Timeout` header (seconds) if it asks for less."""
+    limits: list[float] = [timeout_s] if timeout_s > 0 else []
+    if header is not None:
+        try:
+            asked = float(header)
+        except ValueError:
+            asked = math.nan
+        if not (math.isfinite(asked) and asked > 0):
+            raise EngineValidationError(
+                f"`X-Request-Timeout` must be a positive number of seconds. Given: {header!r}"
+            )
+        limits.append(asked)
+    return time.monotonic() + min(limits) if limits else None
