@@ -61,6 +61,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="selflm", version=__version__, lifespan=lifespan)
     errors.install(app)
+    # Inside the middleware below, so its 413 reaches the error handlers (app/limits.py).
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def model_version_header(
@@ -75,7 +77,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 response.headers["x-model-version"] = str(info.version)
         return response
 
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)  # app/limits.py
     app.include_router(generate.router)
     app.include_router(stream.router)
     app.include_router(openai.router)
