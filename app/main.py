@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import errors
+from app import errors, openapi
 from app.engine.interface import Engine
 from app.limits import RequestGuard
 from app.routes import checkpoints, generate, health, metrics, openai, rounds, stream
@@ -84,4 +84,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(rounds.router)
     app.include_router(metrics.router)
     app.include_router(checkpoints.router)
+    openapi.install(app)  # the real error responses in the document (app/openapi.py)
     return app

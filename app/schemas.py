@@ -6,6 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Ids, versions and offsets are 32-bit integer columns on PostgreSQL: a larger one cannot
+# exist, and the database would refuse it with an error (a 500); the routes answer 422.
+DB_INT_MAX = 2**31 - 1
+
 # Below these a sampling temperature or repetition penalty over- or underflows float32
 # logits (1e-50 is 0.0 in float32): refused at the edge, where the message can say so.
 MIN_TEMPERATURE = 1e-4

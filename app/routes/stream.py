@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -17,8 +18,19 @@ from app.state import AppState, get_state
 router = APIRouter()
 
 
+def _finite(data: Any) -> Any:
+    """NaN and infinities have no JSON spelling (json.dumps writes a bare NaN): null."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite(v) for v in data]
+    return data
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data)
+    payload = data if isinstance(data, str) else json.dumps(_finite(data), allow_nan=False)
     return f"data:{payload}\n\n".encode()
 
 
