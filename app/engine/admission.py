@@ -8,12 +8,20 @@ deadline. Retry-After is the time the queue needs to drain to where the request 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections import deque
 
-from app.engine.interface import EngineOverloadedError, EngineValidationError
+from app.engine.interface import (
+    EngineDeadlineError,
+    EngineOverloadedError,
+    EngineValidationError,
+    RequestCancelledError,
+)
+from app.limits import RequestContext
+from core.modeling.decode import RowCancelledError, RowDeadlineError
 
 # The Retry-After we send is kept in this range (seconds).
 MIN_RETRY_S, MAX_RETRY_S = 1, 600
@@ -114,3 +122,25 @@ def deadline(timeout_s: float, header: str | None) -> float | None:
             )
         limits.append(asked)
     return time.monotonic() + min(limits) if limits else None
+
+
+async def abandon_signal(deadline: float | None, ctx: RequestContext | None) -> BaseException:
+    """Returns when a request should be given up: its client left (`ctx`), or its deadline
+    passed; returns the exception to answer it with."""
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    gone = ctx.disconnected if ctx is not None else asyncio.Event()
+    try:
+        await asyncio.wait_for(gone.wait(), timeout)
+        return RequestCancelledError("the client disconnected")
+    except TimeoutError:
+        return EngineDeadlineError("the request did not finish within its deadline")
+
+
+def request_error(err: BaseException) -> BaseException:
+    """The exception a request gets for a row that stopped without finishing: its deadline,
+    its cancel, or (as it is) the row's own failure."""
+    if isinstance(err, RowDeadlineError):
+        return EngineDeadlineError("the request did not finish within its deadline")
+    if isinstance(err, RowCancelledError):
+        return RequestCancelledError("the client disconnected")
+    return err

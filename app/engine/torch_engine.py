@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from app.engine.admission import ThroughputMeter, check_admission
+from app.engine.admission import ThroughputMeter, abandon_signal, check_admission, request_error
 from app.engine.admission import deadline as request_deadline
 from app.engine.interface import (
     EngineDeadlineError,
@@ -35,15 +35,8 @@ from app.engine.interface import (
     RequestCancelledError,
     StreamToken,
 )
-from app.limits import RequestContext, current_request
-from core.modeling.decode import (
-    Row,
-    RowCancelledError,
-    RowDeadlineError,
-    aborted,
-    decode_batch,
-    token_details,
-)
+from app.limits import current_request
+from core.modeling.decode import Row, aborted, decode_batch, token_details
 from core.modeling.device import dtype_name, pick_device, pick_dtype
 from core.modeling.loader import load_checkpoint
 from core.modeling.params import SamplingParams
@@ -255,16 +248,6 @@ class TorchEngine:
         )
         return self._enqueue(row), row
 
-    async def _abandon_signal(self, row: Row, ctx: RequestContext | None) -> BaseException:
-        """Returns when the request should be given up: its client left, or its deadline."""
-        timeout = None if row.deadline is None else max(0.0, row.deadline - time.monotonic())
-        gone = ctx.disconnected if ctx is not None else asyncio.Event()
-        try:
-            await asyncio.wait_for(gone.wait(), timeout)
-            return RequestCancelledError("the client disconnected")
-        except TimeoutError:
-            return EngineDeadlineError("the request did not finish within its deadline")
-
     def _abandon(self, row: Row, fut: Future[GenerationResult], why: BaseException) -> None:
         """Drop the request's work: a queued row is never started, a running one leaves
         its batch at the next step."""
@@ -280,7 +263,7 @@ class TorchEngine:
     ) -> GenerationResult:
         fut, row = await self._submit(prompt, params, details, None)
         result = asyncio.wrap_future(fut)
-        abandon = asyncio.ensure_future(self._abandon_signal(row, current_request()))
+        abandon = asyncio.ensure_future(abandon_signal(row.deadline, current_request()))
         either: set[asyncio.Future[Any]] = {result, abandon}
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -309,7 +292,7 @@ class TorchEngine:
 
         fut, row = await self._submit(prompt, params, False, on_token)
         fut.add_done_callback(lambda _: loop.call_soon_threadsafe(q.put_nowait, None))
-        abandon = asyncio.ensure_future(self._abandon_signal(row, current_request()))
+        abandon = asyncio.ensure_future(abandon_signal(row.deadline, current_request()))
         abandon.add_done_callback(lambda t: None if t.cancelled() else q.put_nowait(_Gone()))
         ids: list[int] = []
         text = ""
@@ -373,18 +356,9 @@ class TorchEngine:
             return False  # abandoned while queued: no work at all
         why = aborted(p.row, time.monotonic())
         if why is not None:
-            p.future.set_exception(self._row_error(why))
+            p.future.set_exception(request_error(why))
             return False
         return True
-
-    def _row_error(self, err: BaseException) -> BaseException:
-        """The exception a request gets for a row that stopped without finishing."""
-        if isinstance(err, RowDeadlineError):
-            return EngineDeadlineError("the request did not finish within its deadline")
-        if isinstance(err, RowCancelledError):
-            return RequestCancelledError("the client disconnected")
-        self.row_errors += 1
-        return err
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         cur = self._current  # one read: every row of this batch runs on this model
@@ -417,7 +391,10 @@ class TorchEngine:
         def on_finish(row: Row) -> None:
             p = in_flight.pop(id(row))
             if row.error is not None:  # this row alone stopped: its neighbours go on
-                p.future.set_exception(self._row_error(row.error))
+                err = request_error(row.error)
+                if err is row.error:  # its own failure, not a cancel or deadline
+                    self.row_errors += 1
+                p.future.set_exception(err)
                 return
             self.meter.record()
             assert row.finish_reason is not None and cur is not None

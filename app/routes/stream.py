@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from app.engine.interface import GenerationResult
+from app.engine.interface import EngineDeadlineError, GenerationResult
 from app.routes.generate import sampling_params
 from app.schemas import GenerateRequest
 from app.state import AppState, get_state
@@ -79,7 +79,12 @@ async def generate_stream(
                     "details": None,
                 }
             )
-            item = await anext(events)
+            try:
+                item = await anext(events)
+            except Exception as e:  # after the 200, TGI reports an error as an event
+                kind = "timeout" if isinstance(e, EngineDeadlineError) else "generation"
+                yield sse({"error": str(e), "error_type": kind})
+                return
 
     headers = {"x-model-version": str(info.version)} if info else {}
     return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
