@@ -26,7 +26,7 @@ _TYPES = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
-    413: "payload_too_large",
+    413: "too_large",
     422: "validation",
     429: "overloaded",
     499: "cancelled",

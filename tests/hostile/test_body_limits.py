@@ -68,7 +68,7 @@ def test_50mb_body_is_refused_while_health_keeps_answering(server: Any) -> None:
     assert r.status_code == 413, r.text
     assert r.json() == {
         "error": f"request body is larger than the limit of {MAX_BODY} bytes",
-        "error_type": "payload_too_large",
+        "error_type": "too_large",
     }
     poller.check()
 
@@ -88,7 +88,7 @@ def test_a_body_without_content_length_is_counted_as_it_streams(server: Any) -> 
             timeout=120,
         )
     assert r.status_code == 413, r.text
-    assert r.json()["error_type"] == "payload_too_large"
+    assert r.json()["error_type"] == "too_large"
     poller.check()
 
 
