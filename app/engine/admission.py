@@ -1,9 +1,10 @@
 """Admission control for the serving engine: shed load early, with an honest Retry-After.
 
 A request is refused before any work (tokenizing included) when the queue is full, or when
-the wait it would face, estimated from the queue depth and the throughput the engine has
-measured while busy, is longer than the server's `max_queue_wait_s` or the request's own
-deadline. Retry-After is the time the queue needs to drain to where the request would fit.
+the wait it would face, estimated from the queue depth and the rate the engine serves at
+(measured on the rows it finished), is longer than the server's `max_queue_wait_s` or the
+request's own deadline. Retry-After is the time the queue needs to drain to where the
+request would fit.
 """
 
 from __future__ import annotations
@@ -27,51 +28,33 @@ from core.modeling.decode import RowCancelledError, RowDeadlineError
 MIN_RETRY_S, MAX_RETRY_S = 1, 600
 
 
-class ThroughputMeter:
-    """Requests finished per second of busy time over the last `window_s` seconds.
+class ServiceMeter:
+    """How many requests per second the engine completes with every slot busy: `slots`
+    rows decode side by side, each taking the mean time the last `window` rows took from
+    start to finish.
 
-    Idle time does not count: a burst after a quiet minute is measured at the speed the
-    engine serves, not diluted by the minute. Thread-safe (the batcher records, the event
-    loop reads).
+    Rows, not completions per second: a burst after a quiet spell, or after requests that
+    came one at a time, is not judged by the rate of a half-empty batch. When the batch is
+    full and each step slows down, the rows take longer and the estimate follows.
+    Thread-safe (the batcher records, the event loop reads).
     """
 
-    def __init__(self, window_s: float = 30.0) -> None:
-        self.window_s = window_s
-        self._done: deque[float] = deque()
-        self._busy_since: float | None = None
+    def __init__(self, slots: int, window: int = 64) -> None:
+        self.slots = slots
+        self._seconds: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
 
-    def busy(self, busy: bool) -> None:
+    def record(self, seconds: float) -> None:
         with self._lock:
-            if busy and self._busy_since is None:
-                self._busy_since = time.monotonic()
-            elif not busy:
-                self._busy_since = None
-
-    def record(self, n: int = 1) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._done.extend([now] * n)
-            self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        while self._done and self._done[0] < now - self.window_s:
-            self._done.popleft()
+            self._seconds.append(seconds)
 
     def rate(self) -> float | None:
-        """Requests per second, or None without a measurement (nothing finished yet in
-        this busy spell, or under a second of it)."""
-        now = time.monotonic()
+        """Requests per second, or None before the first request finished."""
         with self._lock:
-            if self._busy_since is None:
+            if not self._seconds:
                 return None
-            start = max(now - self.window_s, self._busy_since)
-            self._trim(now)
-            count = sum(1 for t in self._done if t >= start)
-        span = now - start
-        if count == 0 or span < 1.0:
-            return None
-        return count / span
+            mean = sum(self._seconds) / len(self._seconds)
+        return self.slots / max(mean, 1e-3)
 
 
 def retry_after(excess: float, rate: float | None) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from app.engine.admission import ThroughputMeter, abandon_signal, check_admission, request_error
+from app.engine.admission import ServiceMeter, abandon_signal, check_admission, request_error
 from app.engine.admission import deadline as request_deadline
 from app.engine.interface import (
     EngineDeadlineError,
@@ -58,6 +58,7 @@ class _Pending:
     row: Row
     future: Future[GenerationResult]
     enqueued: float
+    started: float = 0.0
 
 
 class _Gone:
@@ -91,7 +92,7 @@ class TorchEngine:
         # Overload and abandonment (docs/reliability.md): rows decoding now, measured
         # throughput, and what was shed, abandoned, expired or failed on its own.
         self._in_flight: dict[int, _Pending] = {}
-        self.meter = ThroughputMeter()
+        self.meter = ServiceMeter(settings.max_batch_size)
         self.shed = 0
         self.cancelled = 0
         self.expired = 0
@@ -143,7 +144,7 @@ class TorchEngine:
             "requests_total": self.requests,
             "generated_tokens_total": self.generated_tokens,
             "requests_running": len(self._in_flight),
-            "throughput_rps": self.meter.rate(),
+            "service_rate_rps": self.meter.rate(),
             "shed_total": self.shed,
             "cancelled_total": self.cancelled,
             "expired_total": self.expired,
@@ -346,15 +347,14 @@ class TorchEngine:
             batch = self._collect()
             batch = [p for p in batch if self._startable(p)]
             if batch:
-                self.meter.busy(True)
                 self._run_batch(batch)
-                self.meter.busy(self._queue.qsize() > 0)
 
     def _startable(self, p: _Pending) -> bool:
         """Whether a queued request should start: not abandoned, not past its deadline."""
         if not p.future.set_running_or_notify_cancel():
             return False  # abandoned while queued: no work at all
-        why = aborted(p.row, time.monotonic())
+        p.started = time.monotonic()
+        why = aborted(p.row, p.started)
         if why is not None:
             p.future.set_exception(request_error(why))
             return False
@@ -396,7 +396,7 @@ class TorchEngine:
                     self.row_errors += 1
                 p.future.set_exception(err)
                 return
-            self.meter.record()
+            self.meter.record(time.monotonic() - p.started)
             assert row.finish_reason is not None and cur is not None
             self.generated_tokens += len(row.generated)
             p.future.set_result(

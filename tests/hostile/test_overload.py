@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.engine.admission import ThroughputMeter, check_admission, retry_after
+from app.engine.admission import ServiceMeter, check_admission, retry_after
 from app.engine.interface import EngineOverloadedError
 
 LONG = 400  # tokens: tens of seconds on tiny:llama here, far longer than any check below
@@ -161,13 +161,9 @@ def test_shedding_rule_uses_depth_measured_rate_and_deadline() -> None:
     assert retry_after(1e9, 1.0) == 600  # capped
 
 
-def test_meter_counts_busy_time_only() -> None:
-    meter = ThroughputMeter(window_s=30)
-    assert meter.rate() is None  # idle: no measurement
-    meter.busy(True)
-    meter.record(3)
-    time.sleep(1.1)
-    rate = meter.rate()
-    assert rate is not None and 0 < rate <= 3
-    meter.busy(False)
-    assert meter.rate() is None
+def test_service_rate_counts_every_slot() -> None:
+    meter = ServiceMeter(slots=4)
+    assert meter.rate() is None  # nothing finished yet: no estimate, no time-based shedding
+    for seconds in (1.0, 3.0):
+        meter.record(seconds)
+    assert meter.rate() == 2.0  # 4 rows side by side, 2 s each
