@@ -1,105 +1,11 @@
-"""Request and response bodies. `/generate` follows Text Generation Inference's schema."""
+"""Bodies of the service's own routes (health, info, errors). The dialects' request and
+response models live in app/protocol/ (TGI, OpenAI)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-
-class Strict(BaseModel):
-    # Unknown fields are a client bug (a typo silently ignored is worse): 422.
-    model_config = ConfigDict(extra="forbid")
-
-
-class GenerateParameters(Strict):
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    do_sample: bool = False
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list)
-    repetition_penalty: float | None = None
-    return_full_text: bool = False
-    details: bool = False
-    truncate: int | None = None
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("`temperature` must be strictly positive")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 1:
-            raise ValueError("`top_p` must be > 0.0 and <= 1.0")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("`top_k` must be strictly positive")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _rep(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("`repetition_penalty` must be strictly positive")
-        return v
-
-    @field_validator("truncate")
-    @classmethod
-    def _truncate(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("`truncate` must be strictly positive")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: list[str]) -> list[str]:
-        if any(s == "" for s in v):
-            raise ValueError("`stop` sequences must be non-empty strings")
-        return v
-
-
-class GenerateRequest(Strict):
-    inputs: str
-    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _inputs(cls, v: Any) -> Any:
-        if not isinstance(v, str):
-            raise ValueError("`inputs` must be a string")
-        if not v.strip():
-            raise ValueError("`inputs` cannot be empty")
-        return v
-
-
-class Token(BaseModel):
-    id: int
-    text: str
-    logprob: float
-    special: bool
-
-
-class Details(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence"]
-    generated_tokens: int
-    seed: int | None
-    prefill: list[Token] = Field(default_factory=list)
-    tokens: list[Token] = Field(default_factory=list)
-
-
-class GenerateResponse(BaseModel):
-    generated_text: str
-    details: Details | None = None
+from pydantic import BaseModel, Field
 
 
 class ErrorResponse(BaseModel):

@@ -28,12 +28,13 @@ from app.engine.interface import (
     EngineValidationError,
     GenerationResult,
     ModelInfo,
+    PromptDetails,
     StreamToken,
 )
-from core.modeling.decode import Row, decode_batch, token_details
+from core.modeling.decode import Row, decode_batch, prompt_logprobs, token_details
 from core.modeling.device import dtype_name, pick_device, pick_dtype
 from core.modeling.loader import load_checkpoint
-from core.modeling.params import SamplingParams
+from core.modeling.params import SamplingParams, TokenInfo, TopToken
 from core.settings import Settings
 from core.store import verify_checkpoint, weights_bytes
 
@@ -52,6 +53,8 @@ class _Pending:
     row: Row
     future: Future[GenerationResult]
     enqueued: float
+    started: float = 0.0
+    first_token: float | None = None
 
 
 def context_length(config: Any) -> int:
@@ -78,6 +81,10 @@ class TorchEngine:
         self.batches = 0
         self.requests = 0
         self.generated_tokens = 0
+        self.running = 0
+        # Called from the batching thread with the rows in flight when a batch starts or
+        # grows (the app's Prometheus histogram); must not raise.
+        self.on_batch: Callable[[int], None] | None = None
 
     # -- model lifecycle -------------------------------------------------------------
     def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> LoadedModel:
@@ -124,6 +131,7 @@ class TorchEngine:
             "batches_total": self.batches,
             "requests_total": self.requests,
             "generated_tokens_total": self.generated_tokens,
+            "running": self.running,
         }
 
     # -- requests --------------------------------------------------------------------
@@ -151,18 +159,19 @@ class TorchEngine:
         params: SamplingParams,
         details: bool = False,
         on_token: Callable[[int, float], None] | None = None,
+        rows: list[Row] | None = None,
     ) -> Future[GenerationResult]:
         cur = self.current()
-        row = Row(
-            prompt_ids=self._prompt_ids(cur, prompt, params),
-            params=params,
-            want_tokens=details,
-            on_token=on_token,
-        )
+        row = Row(prompt_ids=self._prompt_ids(cur, prompt, params), params=params)
+        row.want_tokens = details
         if self._queue.qsize() >= self.settings.max_queue:
             raise EngineOverloadedError("Model is overloaded")
         fut: Future[GenerationResult] = Future()
-        self._queue.put(_Pending(row=row, future=fut, enqueued=time.monotonic()))
+        pending = _Pending(row=row, future=fut, enqueued=time.monotonic())
+        row.on_token = _timed(pending, on_token)
+        if rows is not None:
+            rows.append(row)
+        self._queue.put(pending)
         return fut
 
     async def generate(
@@ -175,24 +184,32 @@ class TorchEngine:
     ) -> AsyncIterator[StreamToken | GenerationResult]:
         """Tokens as they are chosen, then the final result."""
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
+        q: asyncio.Queue[tuple[int, float, tuple[TopToken, ...]] | None] = asyncio.Queue()
         tokenizer = self.current().tokenizer
 
-        def on_token(tok: int, logprob: float) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, (tok, logprob))
+        rows: list[Row] = []
 
-        fut = self.submit(prompt, params, on_token=on_token)
+        def on_token(tok: int, logprob: float) -> None:
+            # The decoding thread notes a row's top-n alternatives before this call.
+            tops = rows[0].tops if rows else []
+            top = tops[-1] if params.top_n_tokens and tops else ()
+            loop.call_soon_threadsafe(q.put_nowait, (tok, logprob, top))
+
+        fut = self.submit(prompt, params, on_token=on_token, rows=rows)
         fut.add_done_callback(lambda _: loop.call_soon_threadsafe(q.put_nowait, None))
         ids: list[int] = []
         text = ""
         special = set(tokenizer.all_special_ids)
         while (item := await q.get()) is not None:
-            tok, logprob = item
-            ids.append(tok)
-            # Decode the whole prefix: a token may complete a multi-byte character.
-            full = tokenizer.decode(ids, skip_special_tokens=True)
-            piece, text = full[len(text) :], full
-            yield StreamToken(id=tok, text=piece, logprob=logprob, special=tok in special)
+            tok, logprob, top = item
+            if tok in special:
+                piece = tokenizer.decode([tok], skip_special_tokens=False)
+            else:
+                ids.append(tok)
+                # Decode the whole prefix: a token may complete a multi-byte character.
+                full = tokenizer.decode(ids, skip_special_tokens=True)
+                piece, text = full[len(text) :], full
+            yield StreamToken(id=tok, text=piece, logprob=logprob, special=tok in special, top=top)
         result: GenerationResult = await asyncio.wrap_future(fut)
         yield result
 
@@ -250,29 +267,41 @@ class TorchEngine:
                     self._stop.set()
                     break
                 if item.future.set_running_or_notify_cancel():
+                    item.started = time.monotonic()
                     in_flight[id(item.row)] = item
                     joined.append(item.row)
             self.requests += len(joined)
+            if joined:
+                self._note_batch(len(in_flight))
             return joined
 
         def on_finish(row: Row) -> None:
             p = in_flight.pop(id(row))
             assert row.finish_reason is not None and cur is not None
-            self.generated_tokens += len(row.generated)
+            # As TGI: the EOS token that ended a row counts as a generated token.
+            generated = len(row.generated) + (row.eos_token is not None)
+            self.generated_tokens += generated
             p.future.set_result(
                 GenerationResult(
                     text=row.text,
                     finish_reason=row.finish_reason,
-                    generated_tokens=len(row.generated),
+                    generated_tokens=generated,
                     seed=row.seed,
                     model_version=cur.info.version,
                     prompt_tokens=len(row.prompt_ids),
                     tokens=token_details(row, cur.tokenizer) if row.want_tokens else [],
+                    queue_s=max(0.0, p.started - p.enqueued),
+                    first_token_s=(p.first_token - p.enqueued) if p.first_token else None,
+                    total_s=time.monotonic() - p.enqueued,
                 )
             )
 
         self.batches += 1
         self.requests += len(batch)
+        now = time.monotonic()
+        for p in batch:
+            p.started = now
+        self._note_batch(len(batch))
         try:
             decode_batch(
                 cur.model,
@@ -286,3 +315,77 @@ class TorchEngine:
             log.exception("batch of %d failed", len(in_flight))
             for p in in_flight.values():
                 p.future.set_exception(e)
+        finally:
+            self.running = 0
+
+    # -- surface features (TGI / OpenAI) ---------------------------------------------
+    def _note_batch(self, size: int) -> None:
+        self.running = size
+        if self.on_batch is not None:
+            try:
+                self.on_batch(size)
+            except Exception:  # metrics never fail a batch
+                log.warning("batch observer failed", exc_info=True)
+
+    def tokenize(self, text: str) -> list[tuple[int, str, int, int]]:
+        """TGI's /tokenize: (id, text, start, stop) per token, offsets into `text`."""
+        tok = self.current().tokenizer
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            (int(i), text[a:b], int(a), int(b))
+            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
+
+    def decode_tokens(self, ids: list[int]) -> dict[int, str]:
+        tok = self.current().tokenizer
+        return {i: tok.decode([i], skip_special_tokens=False) for i in ids}
+
+    def prompt_details(self, prompt: str, params: SamplingParams) -> PromptDetails:
+        """Prompt tokens with their log-probabilities (runs in the caller's thread)."""
+        cur = self.current()
+        ids = self._prompt_ids(cur, prompt, params)
+        lps, tops = prompt_logprobs(cur.model, ids, params.top_n_tokens)
+        special = set(cur.tokenizer.all_special_ids)
+        out: list[TokenInfo] = []
+        done: list[int] = []
+        text = ""
+        for t, lp, top in zip(ids, lps, tops, strict=True):
+            done.append(t)
+            full = cur.tokenizer.decode(done, skip_special_tokens=False)
+            piece, text = full[len(text) :], full
+            # TGI sends the first prefill token's logprob as null (NaN on the wire is invalid).
+            out.append(
+                TokenInfo(
+                    id=t,
+                    text=piece,
+                    logprob=lp if lp is not None else float("nan"),
+                    special=t in special,
+                    top=top,
+                )
+            )
+        return PromptDetails(tokens=out)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages with the serving checkpoint's chat template."""
+        tok = self.current().tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise EngineValidationError("the served checkpoint has no chat template")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template may refuse a conversation (e.g. role order)
+            raise EngineValidationError(f"chat template: {e}") from e
+        return str(text)
+
+
+def _timed(
+    pending: _Pending, on_token: Callable[[int, float], None] | None
+) -> Callable[[int, float], None]:
+    """Wrap a row's token callback to note when its first token was chosen."""
+
+    def call(tok: int, logprob: float) -> None:
+        if pending.first_token is None:
+            pending.first_token = time.monotonic()
+        if on_token is not None:
+            on_token(tok, logprob)
+
+    return call

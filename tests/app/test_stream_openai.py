@@ -24,13 +24,17 @@ def test_stream_matches_generate(client: TestClient) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["x-model-version"] == "1"
     evs = events(r.text)
-    tokens = [e["token"] for e in evs[:-1]]
-    assert all(e["generated_text"] is None for e in evs[:-1])
-    assert "".join(t["text"] for t in tokens) == whole
+    # As TGI's: every event carries a real token, the last one with the text and details.
+    tokens = [e["token"] for e in evs]
+    assert all(t is not None for t in tokens)
+    assert all(e["generated_text"] is None and e["details"] is None for e in evs[:-1])
+    assert "".join(t["text"] for t in tokens if not t["special"]) == whole
+    assert [e["index"] for e in evs] == list(range(1, len(evs) + 1))
     last = evs[-1]
     assert last["generated_text"] == whole
     assert last["details"]["generated_tokens"] == len(tokens)
     assert last["details"]["finish_reason"] in ("length", "eos_token")
+    assert last["details"]["input_length"] > 0
 
 
 def test_stream_bad_input_is_json_422(client: TestClient) -> None:
@@ -83,11 +87,25 @@ def test_completions_stop_is_excluded_and_stream_works(client: TestClient) -> No
     evs = events(r.text)
     assert evs[-1] == "[DONE]"
     assert "".join(e["choices"][0]["text"] for e in evs[:-1]) == base
-    for bad in (
-        {"prompt": ""},
-        {"prompt": "x", "max_tokens": 0},
-        {"prompt": "x", "bogus": 1},
-        {"prompt": "x", "temperature": 3},
+    for bad, param in (
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "temperature": 3}, "temperature"),
+        ({"prompt": "x", "temperature": float("nan")}, "temperature"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
     ):
-        r = client.post("/v1/completions", json=bad)
-        assert r.status_code == 422 and r.json()["error_type"] == "validation", bad
+        r = client.post(
+            "/v1/completions",
+            content=json.dumps(bad),  # NaN as bare JSON, as a careless client sends it
+            headers={"content-type": "application/json"},
+        )
+        # OpenAI's envelope and status: the reason reaches the client.
+        assert r.status_code == 400, (bad, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == param, (bad, err)
+        assert param in err["message"]
+    # Fields of newer API versions are ignored, as vLLM does.
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "store": False})
+    assert r.status_code == 200
