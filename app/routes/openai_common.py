@@ -13,9 +13,9 @@ from app.errors import ApiError
 from app.state import AppState
 from core.modeling.params import SamplingParams, TokenInfo
 
-# huggingface_hub's InferenceClient sends this placeholder when pointed at a URL (as TGI does,
+# huggingface_hub's InferenceClient sends a placeholder ("tgi", "dummy") for a URL; as TGI does,
 # it is accepted as the served model).
-ALIASES = frozenset({"tgi"})
+ALIASES = frozenset({"tgi", "dummy"})
 
 
 def served_model(state: AppState, requested: str | None) -> str:

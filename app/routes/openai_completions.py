@@ -27,7 +27,8 @@ from app.routes.openai_common import (
     top_ids,
     top_map,
 )
-from app.routes.stream import error_event, sse
+from app.routes.stream import error_event_openai as error_event
+from app.routes.stream import sse_openai as sse
 from app.state import AppState, get_state
 from core.modeling.params import TokenInfo
 

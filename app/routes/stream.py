@@ -35,15 +35,36 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def sse(data: dict[str, Any] | str) -> bytes:
+def sse(data: dict[str, Any] | str, sep: str = "") -> bytes:
+    """One Server-Sent Event. TGI writes `data:{...}`; OpenAI `data: {...}` (pass sep=" "):
+    huggingface_hub matches OpenAI's `data: [DONE]` byte for byte."""
     payload = data if isinstance(data, str) else json.dumps(_finite(data), allow_nan=False)
-    return f"data:{payload}\n\n".encode()
+    return f"data:{sep}{payload}\n\n".encode()
+
+
+def sse_openai(data: dict[str, Any] | str) -> bytes:
+    return sse(data, " ")
 
 
 def error_event(exc: BaseException) -> bytes:
     log.warning("stream failed after the response started: %s", exc)
     kind = "validation" if isinstance(exc, ValueError) else "generation"
     return sse({"error": str(exc) or type(exc).__name__, "error_type": kind})
+
+
+def error_event_openai(exc: BaseException) -> bytes:
+    log.warning("stream failed after the response started: %s", exc)
+    kind = "invalid_request_error" if isinstance(exc, ValueError) else "server_error"
+    return sse_openai(
+        {
+            "error": {
+                "message": str(exc) or type(exc).__name__,
+                "type": kind,
+                "param": None,
+                "code": None,
+            }
+        }
+    )
 
 
 def _token(t: StreamToken) -> dict[str, Any]:
