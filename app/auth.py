@@ -24,7 +24,6 @@ from app.errors import ApiError
 from app.state import AppState, get_state
 
 Group = Literal["admin", "inference", "reads", "metrics", "docs"]
-GROUPS: frozenset[str] = frozenset({"inference", "reads", "metrics", "docs"})
 
 
 def _matches(token: str, keys: frozenset[str]) -> bool:

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Route groups SELFLM_OPEN_ROUTES may open when keys are set (app/auth.py).
+OPEN_GROUPS = frozenset({"inference", "reads", "metrics", "docs"})
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -83,6 +85,17 @@ class Settings(BaseSettings):
     round_time_limit_s: int = 3900
     # A running round whose heartbeat is older than this is taken to have lost its worker.
     round_stale_after_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("open_routes")
+    @classmethod
+    def _open_routes(cls, v: str) -> str:
+        unknown = _split(v) - OPEN_GROUPS
+        if unknown:
+            raise ValueError(
+                f"open_routes: unknown group(s) {sorted(unknown)}; "
+                f"choose from {sorted(OPEN_GROUPS)} (admin routes always need a key)"
+            )
+        return v
 
     @field_validator("checkpoint_dir")
     @classmethod
