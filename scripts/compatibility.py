@@ -119,9 +119,9 @@ class Recorder:
         row = self.rows.get(report.nodeid)
         if row is None:
             return
-        if report.when == "call" or report.outcome != "passed":
-            if row["outcome"] in ("not run", "passed"):
-                row["outcome"] = report.outcome
+        counts = report.when == "call" or report.outcome != "passed"
+        if counts and row["outcome"] in ("not run", "passed"):
+            row["outcome"] = report.outcome
 
 
 def render(rows: dict[str, dict[str, Any]], command: str) -> str:
