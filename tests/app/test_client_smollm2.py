@@ -42,9 +42,7 @@ def test_openai_chat_answers_paris(server: str) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-    r = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
-    )
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
     assert "Paris" in (r.choices[0].message.content or ""), r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
 
