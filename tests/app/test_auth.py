@@ -87,7 +87,8 @@ def test_reads_need_a_key_but_health_does_not(keyed: TestClient) -> None:
     ],
 )
 def test_bad_tokens_are_401(keyed: TestClient, header: str) -> None:
-    r = keyed.post("/generate", json=GEN, headers={"Authorization": header.encode()})
+    # Raw bytes on the wire, as a client in another encoding sends them.
+    r = keyed.post("/generate", json=GEN, headers=[(b"authorization", header.encode())])
     assert r.status_code == 401, r.text
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 KEY = "sk-test-key"
 MODEL = "tiny:llama"
@@ -307,7 +308,9 @@ def test_hf_chat_completion(hf: Any) -> None:
 def test_langchain_openai(server: str) -> None:
     from langchain_openai import OpenAI
 
-    llm = OpenAI(base_url=server + "/v1", api_key=KEY, model=MODEL, max_tokens=6, temperature=0)
+    llm = OpenAI(
+        base_url=server + "/v1", api_key=SecretStr(KEY), model=MODEL, max_tokens=6, temperature=0
+    )
     expected = greedy(server, "Hello", 6)
     assert llm.invoke("Hello") == expected
     assert "".join(llm.stream("Hello")) == expected
@@ -318,7 +321,11 @@ def test_langchain_chat_openai(server: str) -> None:
     from langchain_openai import ChatOpenAI
 
     chat = ChatOpenAI(
-        base_url=server + "/v1", api_key=KEY, model=MODEL, max_tokens=6, temperature=0
+        base_url=server + "/v1",
+        api_key=SecretStr(KEY),
+        model=MODEL,
+        max_completion_tokens=6,
+        temperature=0,
     )
     msg = chat.invoke([("system", "Be brief."), ("human", "Hi")])
     assert isinstance(msg.content, str) and msg.content
@@ -343,7 +350,7 @@ def test_prometheus_scrape(server: str) -> None:
     r = httpx.get(server + "/metrics", headers={"Accept": SCRAPE_ACCEPT, **auth}, timeout=30)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/openmetrics-text")
-    families = {f.name: f for f in parse_openmetrics(r.text)}
+    families = {f.name: f for f in parse_openmetrics(r.text)}  # type: ignore[no-untyped-call]
     for name in (
         "selflm_request_count",
         "selflm_e2e_request_latency_seconds",

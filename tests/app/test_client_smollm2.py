@@ -19,7 +19,7 @@ helpers: Any = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
 
 MODEL = "bundled:smollm2-135m-instruct"
-QUESTION = [
+QUESTION: Any = [
     {"role": "system", "content": "You are a helpful assistant. Answer in one sentence."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
