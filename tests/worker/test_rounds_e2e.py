@@ -156,7 +156,7 @@ def test_round_runs_every_stage_and_is_promoted_when_better(env: dict[str, Any])
         assert old.status == "retired"
     assert Path(row.path, "manifest.json").is_file()
 
-    report = env["client"].get("/metrics").json()
+    report = env["client"].get("/metrics", headers={"accept": "application/json"}).json()
     assert report["champion_version"] == new
     assert [c["version"] for c in report["checkpoints"]][-1] == new
     mine = next(r for r in report["rounds"] if r["id"] == rid)
