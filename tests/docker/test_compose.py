@@ -1,0 +1,241 @@
+"""`docker compose up`, run for real (README "Production"): build the image, start the stack,
+serve, run a round in the worker container, hot-swap, restart, scale, down and up again.
+
+Needs a Docker engine and a Compose CLI (scripts/ci-docker.sh installs and starts them);
+skipped with the reason when there is none. Without an image registry the Debian stand-ins
+of scripts/compose-prepare.sh are used, as scripts/compose-up.sh does. Traffic stays on this
+machine: the stack's bridge network and the api's port published on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.docker.compose_stack import (
+    ROOT,
+    Stack,
+    compose_cli,
+    docker,
+    engine_problem,
+    free_port_pair,
+    inspect,
+)
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]
+
+# A round that promotes on tiny:llama (tests/worker/test_rounds_e2e.py's BETTER): real replay
+# text at a high rate teaches the random-init model the domain, dev perplexity falls.
+PROMOTING_ROUND: dict[str, Any] = {
+    "num_prompts": 4,
+    "samples_per_prompt": 3,
+    "max_new_tokens": 16,
+    "min_words": 3,
+    "train_size": 6,
+    "valid_size": 3,
+    "eval_passages": 6,
+    "diversity_prompts": 3,
+    "epochs": 2,
+    "batch_size": 4,
+    "max_length": 48,
+    "replay_fraction": 0.8,
+    "learning_rate": 3e-3,
+    "diversity_tolerance": 1.0,
+    "base_diversity_tolerance": 1.0,
+}
+TEST_IMAGE = "selflm:compose-test"
+GENERATE = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8}}
+
+
+def _env_value(path: Path, key: str) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith(f"{key}="):
+            return line.split("=", 1)[1]
+    raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    problem = engine_problem()
+    if problem:
+        pytest.skip(f"docker: {problem}")
+    cli = compose_cli()
+    assert cli is not None
+    tmp = tmp_path_factory.mktemp("compose")
+    env_file = tmp / ".env"
+    # The README's way to make .env: random secrets from .env.example.
+    subprocess.run(["bash", "scripts/compose-env.sh", str(env_file)], cwd=ROOT, check=True)
+    port = free_port_pair()
+    with env_file.open("a") as f:
+        f.write(
+            "\n# tests/docker/test_compose.py\n"
+            "SELFLM_BASE_MODEL=tiny:llama\n"
+            f"SELFLM_API_PORT={port}-{port + 1}\n"
+            f"SELFLM_IMAGE={TEST_IMAGE}\n"
+        )
+    files = subprocess.run(
+        ["bash", "scripts/compose-prepare.sh"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    built_here = not docker("images", "-q", TEST_IMAGE).strip()
+    st = Stack(f"selflmtest{uuid.uuid4().hex[:8]}", env_file, files.split(":"), cli)
+    try:
+        yield st
+    finally:
+        for cid in st.containers():
+            print(f"--- {st.service_of(cid)} {cid[:12]}\n{st.logs(cid, 30)}")
+        st.run("down", "-v", "--remove-orphans", check=False)
+        keep = os.environ.get("SELFLM_DOCKER_KEEP_IMAGE", "") not in ("", "0")
+        if built_here and not keep:
+            docker("rmi", TEST_IMAGE, check=False)
+        print("\n".join(st.log))
+
+
+def _headers(stack: Stack) -> dict[str, str]:
+    key = _env_value(stack.env_file, "SELFLM_API_KEYS").split(",")[0]
+    return {"authorization": f"Bearer {key}"}
+
+
+def _served_version(url: str) -> int:
+    r = httpx.post(f"{url}/generate", json=GENERATE, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["generated_text"]
+    return int(r.headers["x-model-version"])
+
+
+def _wait_version(url: str, version: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := _served_version(url)) != version:
+        assert time.monotonic() < deadline, f"{url} serves v{seen}, not v{version}"
+        time.sleep(2)
+
+
+def _single_api(stack: Stack) -> str:
+    urls = stack.api_urls()
+    assert len(urls) == 1, urls
+    return urls[0]
+
+
+state: dict[str, Any] = {}
+
+
+def test_build_the_image(stack: Stack) -> None:
+    stack.run("build")
+    size = int(inspect(TEST_IMAGE)["Size"])
+    print(f"image {TEST_IMAGE}: {size / 1e6:.0f} MB")
+    assert size > 0
+
+
+def test_up_waits_for_every_healthcheck(stack: Stack) -> None:
+    started = time.monotonic()
+    stack.run("up", "-d")
+    ids = stack.containers()
+    services = sorted(stack.service_of(c) for c in ids)
+    assert services == ["api", "migrate", "postgres", "redis", "worker"], services
+    stack.wait_healthy(ids)
+    print(f"up -> every service healthy: {time.monotonic() - started:.0f} s")
+
+
+def test_migrate_ran_once_and_exited_zero(stack: Stack) -> None:
+    (migrate,) = stack.containers("migrate")
+    info = inspect(migrate)
+    assert info["State"]["Status"] == "exited"
+    assert info["State"]["ExitCode"] == 0
+    assert info["RestartCount"] == 0
+    assert "database at head" in stack.logs(migrate)
+
+
+def test_generate_on_the_published_port(stack: Stack) -> None:
+    url = _single_api(stack)
+    r = httpx.post(f"{url}/generate", json=GENERATE, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["generated_text"]
+    state["base_version"] = int(r.headers["x-model-version"])
+    # Secure default: the mutating routes want the key from .env.
+    r = httpx.post(f"{url}/update-rounds", json={}, timeout=30)
+    assert r.status_code == 401, r.text
+    assert r.json()["error_type"]
+
+
+def test_round_runs_in_the_worker_container_and_the_api_swaps(stack: Stack) -> None:
+    url = _single_api(stack)
+    r = httpx.post(
+        f"{url}/update-rounds", json=PROMOTING_ROUND, headers=_headers(stack), timeout=30
+    )
+    assert r.status_code == 202, r.text
+    rid = r.json()["id"]
+    deadline = time.monotonic() + 1200
+    while True:
+        body = httpx.get(f"{url}/update-rounds/{rid}", timeout=30).json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(3)
+    (worker,) = stack.containers("worker")
+    assert body["status"] == "succeeded", f"{body['error']}\n{stack.logs(worker)}"
+    assert body["decision"] == "promoted", body["reason"]
+    # The round ran in the worker container (worker_id is hostname:pid), not beside the api.
+    assert body["worker_id"].split(":")[0] == inspect(worker)["Config"]["Hostname"]
+    champion = int(body["candidate_version"])
+    assert champion > state["base_version"]
+    _wait_version(url, champion)
+    state.update(round_id=rid, champion=champion)
+
+
+def test_restarted_api_serves_the_same_champion(stack: Stack) -> None:
+    stack.run("restart", "api")
+    stack.wait_healthy(stack.containers("api"))
+    assert _served_version(_single_api(stack)) == state["champion"]
+
+
+def test_two_api_replicas_serve_the_champion(stack: Stack) -> None:
+    stack.run("up", "-d", "--no-deps", "--scale", "api=2", "api")
+    api = stack.containers("api")
+    assert len(api) == 2, api
+    stack.wait_healthy(api)
+    urls = stack.api_urls()
+    assert len(set(urls)) == 2, urls
+    for url in urls:
+        assert _served_version(url) == state["champion"], url
+
+
+def test_down_and_up_keep_rounds_and_checkpoints(stack: Stack) -> None:
+    url = _single_api(stack) if len(stack.api_urls()) == 1 else stack.api_urls()[0]
+    rounds_before = httpx.get(f"{url}/update-rounds", timeout=30).json()
+    checkpoints_before = httpx.get(f"{url}/checkpoints", timeout=30).json()
+    stack.run("down")
+    assert not stack.containers()
+    volumes = docker(
+        "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.name}"
+    ).split()
+    assert {v.removeprefix(f"{stack.name}_") for v in volumes} >= {
+        "pgdata",
+        "checkpoints",
+        "redisdata",
+    }, volumes
+    stack.run("up", "-d")
+    stack.wait_healthy(stack.containers())
+    url = _single_api(stack)
+    assert httpx.get(f"{url}/update-rounds", timeout=30).json() == rounds_before
+    checkpoints = httpx.get(f"{url}/checkpoints", timeout=30).json()
+    assert checkpoints["champion_version"] == state["champion"]
+    assert [c["version"] for c in checkpoints["items"]] == [
+        c["version"] for c in checkpoints_before["items"]
+    ]
+    assert _served_version(url) == state["champion"]
+    # The checkpoint files themselves are on the volume, not only their rows.
+    (api,) = stack.containers("api")
+    listing = docker("exec", api, "ls", "/data/checkpoints/default").split()
+    for c in checkpoints["items"]:
+        assert f"v{c['version']:06d}" in listing, listing
