@@ -17,7 +17,7 @@ fi
 compose build
 start=$SECONDS
 compose up -d "$@"
-mapfile -t ids < <(compose ps -q)
+mapfile -t ids < <(compose ps -a -q)
 wait_healthy "${SELFLM_HEALTH_TIMEOUT_S:-600}" "${ids[@]}"
 echo "compose-up: every service healthy $((SECONDS - start)) s after up" >&2
 compose ps

@@ -212,6 +212,8 @@ PROMOTING_ROUND: dict[str, Any] = {
 }
 TEST_IMAGE = "selflm:compose-test"
 GENERATE = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8}}
+# What one step leaves for the next (the tests run in file order on one stack).
+state: dict[str, Any] = {}
 
 
 def _env_value(path: Path, key: str) -> str:
@@ -256,11 +258,13 @@ def stack(
     ).stdout.strip()
     built_here = not docker("images", "-q", TEST_IMAGE).strip()
     st = Stack(f"selflmtest{uuid.uuid4().hex[:8]}", env_file, files.split(":"), cli)
+    state["volumes_before"] = set(docker("volume", "ls", "-q").split())
     try:
         yield st
     finally:
-        for cid in st.containers():
-            print(f"--- {st.service_of(cid)} {cid[:12]}\n{st.logs(cid, 30)}")
+        if request.session.testsfailed:
+            for cid in st.containers():
+                print(f"--- {st.service_of(cid)} {cid[:12]}\n{st.logs(cid, 40)}")
         st.run("down", "-v", "--remove-orphans", check=False)
         keep = os.environ.get("SELFLM_DOCKER_KEEP_IMAGE", "") not in ("", "0")
         if built_here and not keep:
@@ -291,9 +295,6 @@ def _single_api(stack: Stack) -> str:
     urls = stack.api_urls()
     assert len(urls) == 1, urls
     return urls[0]
-
-
-state: dict[str, Any] = {}
 
 
 def test_build_the_image(stack: Stack) -> None:
@@ -382,14 +383,9 @@ def test_down_and_up_keep_rounds_and_checkpoints(stack: Stack) -> None:
     checkpoints_before = httpx.get(f"{url}/checkpoints", timeout=30).json()
     stack.run("down")
     assert not stack.containers()
-    volumes = docker(
-        "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.name}"
-    ).split()
-    assert {v.removeprefix(f"{stack.name}_") for v in volumes} >= {
-        "pgdata",
-        "checkpoints",
-        "redisdata",
-    }, volumes
+    # The named volumes stay, and nothing else is left behind (no anonymous volumes).
+    new = set(docker("volume", "ls", "-q").split()) - state["volumes_before"]
+    assert new == {f"{stack.name}_{v}" for v in ("pgdata", "checkpoints", "redisdata")}, new
     stack.run("up", "-d")
     stack.wait_healthy(stack.containers())
     url = _single_api(stack)
