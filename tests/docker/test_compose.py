@@ -240,7 +240,12 @@ def stack(
     tmp = tmp_path_factory.mktemp("compose")
     env_file = tmp / ".env"
     # The README's way to make .env: random secrets from .env.example.
-    subprocess.run(["bash", "scripts/compose-env.sh", str(env_file)], cwd=ROOT, check=True)
+    subprocess.run(
+        ["bash", "scripts/compose-env.sh", str(env_file)],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     port = free_port_pair()
     with env_file.open("a") as f:
         f.write(
@@ -253,7 +258,7 @@ def stack(
         ["bash", "scripts/compose-prepare.sh"],
         cwd=ROOT,
         check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,  # its progress (stderr) shows in the CI log
         text=True,
     ).stdout.strip()
     built_here = not docker("images", "-q", TEST_IMAGE).strip()
