@@ -33,7 +33,7 @@ def _start(settings: Settings, engine: Engine | None) -> AppState:
         from app.engine.torch_engine import TorchEngine
 
         engine = TorchEngine(settings)
-    engine.swap(engine.load(champion.version, champion.path, champion.manifest))
+    engine.swap(engine.load(champion))
     state = AppState(settings=settings, db=db, engine=engine)
     watcher = SwapWatcher(settings, db, engine)
     watcher.start()
