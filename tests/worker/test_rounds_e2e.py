@@ -25,6 +25,8 @@ from core.settings import Settings
 from worker.rounds.pipeline import run_round
 
 REDIS = os.environ.get("SELFLM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# Progress writes from the worker: often enough that a short update stage shows several.
+PROGRESS_INTERVAL_S = 0.05
 
 # Small but real: every stage runs, in seconds, on the tiny model.
 SMALL: dict[str, Any] = {
@@ -76,6 +78,7 @@ def env(
         SELFLM_REDIS_URL=broker,
         SELFLM_CHECKPOINT_DIR=settings.checkpoint_dir,
         SELFLM_BASE_MODEL="tiny:llama",
+        SELFLM_PROGRESS_INTERVAL_S=str(PROGRESS_INTERVAL_S),
     )
     log = (tmp / "worker.log").open("w")
     with TestClient(create_app(settings)) as client:
@@ -242,21 +245,16 @@ def test_bad_round_parameters_are_rejected(env: dict[str, Any]) -> None:
     assert ids == sorted(ids, reverse=True)
 
 
-# Enough optimizer steps that `update` spans several of the worker's once-a-second progress
-# writes: batch size 1, many epochs, real replay text (lots of windows), no early stop to
-# speak of at this learning rate.
+# Enough optimizer steps that `update` spans several of the worker's progress writes (every
+# PROGRESS_INTERVAL_S here): batch size 1 over real replay text (many windows), 3 epochs.
 LONG_UPDATE = {
     **SMALL,
-    "num_prompts": 6,
-    "samples_per_prompt": 4,
-    "max_new_tokens": 24,
     "filters": False,
-    "train_size": 16,
-    "valid_size": 4,
+    "train_size": 8,
+    "valid_size": 2,
     "replay_fraction": 0.8,
     "batch_size": 1,
-    "epochs": 6,
-    "max_length": 64,
+    "epochs": 3,
     "promotion_margin": 0.9,  # rejected: this test is about progress, not the decision
 }
 

@@ -43,7 +43,7 @@ class Round:
         self.settings, self.db, self.id, self.p = settings, db, round_id, params
         self.rng = random.Random(params.seed)
         self.timings: dict[str, float] = {}
-        self.progress = Progress(db, round_id)
+        self.progress = Progress(db, round_id, settings.progress_interval_s)
         self._div_cache = DiversityCache(Path(settings.checkpoint_dir) / settings.lineage)
 
     def stage(self, name: str) -> AbstractContextManager[Stage]:

@@ -79,13 +79,15 @@ class Progress:
     def tick(self, done: float, total: float, unit: str, extra: Detail | None = None) -> None:
         if self.stage is None or total <= 0:
             return
-        now = self.clock()
-        if now - self._last_write < self.min_interval_s:
+        fraction = min(1.0, done / total)
+        if fraction <= self.stage_progress:  # nothing new (and never backwards)
+            return
+        if self.clock() - self._last_write < self.min_interval_s:
             return
         detail: dict[str, Any] = {"done": done, "total": total, "unit": unit}
         if extra is not None:
             detail.update(extra())
-        self._set(min(1.0, done / total), detail)
+        self._set(fraction, detail)
 
     def end(self) -> None:
         """The stage is done: its own progress is 1 and the bar reaches its slice's end."""
