@@ -55,7 +55,7 @@ def _start(settings: Settings, engine: Engine | None) -> AppState:
         from app.engine.torch_engine import TorchEngine
 
         engine = TorchEngine(settings)
-    engine.swap(engine.load(champion.version, champion.path, champion.manifest))
+    engine.swap(engine.load(champion))
     state = AppState(settings=settings, db=db, engine=engine)
     metrics_ = ServingMetrics(StateCollector(state))
     state.extras["metrics"] = metrics_

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     round_time_limit_s: int = 3900
     # A running round whose heartbeat is older than this is taken to have lost its worker.
     round_stale_after_s: float = Field(default=300.0, gt=0)
+    # Progress inside a stage is written to the round row at most this often.
+    progress_interval_s: float = Field(default=1.0, gt=0)
 
     @field_validator("open_routes")
     @classmethod

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from core.modeling.params import FinishReason, SamplingParams, TokenInfo, TopToken
+from core.registry import CheckpointRef
 
 
 class EngineValidationError(ValueError):
@@ -98,7 +99,7 @@ class Engine(Protocol):
         self, prompt: str, params: SamplingParams
     ) -> AsyncIterator[StreamToken | GenerationResult]: ...
 
-    def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> Any: ...
+    def load(self, ref: CheckpointRef) -> Any: ...
 
     def swap(self, loaded: Any) -> None: ...
 

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,12 +36,13 @@ from app.engine.interface import (
     StreamToken,
 )
 from app.limits import current_request
+from core import registry
 from core.modeling.decode import Row, aborted, decode_batch, prompt_logprobs, token_details
 from core.modeling.device import dtype_name, pick_device, pick_dtype
-from core.modeling.loader import load_checkpoint
 from core.modeling.params import SamplingParams, TokenInfo, TopToken
+from core.registry import CheckpointRef
 from core.settings import Settings
-from core.store import verify_checkpoint, weights_bytes
+from core.store import weights_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,13 @@ class TorchEngine:
         self.on_batch: Callable[[int], None] | None = None
 
     # -- model lifecycle -------------------------------------------------------------
-    def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> LoadedModel:
+    def load(self, ref: CheckpointRef) -> LoadedModel:
         """Verify and load a checkpoint beside the serving one (does not swap)."""
-        p = Path(path)
-        verify_checkpoint(p, manifest)
-        loaded = load_checkpoint(p, self.device, self.dtype)
-        model, tokenizer = loaded.model, loaded.tokenizer
+        loaded = registry.open(ref, self.device, self.dtype)
+        model, tokenizer, p, version = loaded.model, loaded.tokenizer, ref.path, ref.version
         info = ModelInfo(
             version=version,
-            model_id=str((manifest or {}).get("source", p.name)),
+            model_id=str(ref.manifest.get("source", p.name)),
             dtype=dtype_name(self.dtype),
             device=str(self.device),
             max_context=context_length(model.config),
