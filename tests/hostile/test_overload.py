@@ -11,20 +11,54 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from app.engine.admission import ServiceMeter, check_admission, retry_after
 from app.engine.interface import EngineOverloadedError
 
-LONG = 400  # tokens: tens of seconds on tiny:llama here, far longer than any check below
+# Tokens: tens of seconds for the model below on one thread, far longer than the moment the
+# clients below go away (tiny:llama makes 480 tokens in under 2 s on an idle machine).
+LONG = 1000
+
+
+def slow_model(root: Path) -> Path:
+    """A real, randomly initialised Llama wide enough that generation takes its time, with
+    the SmolLM2 tokenizer and a context of 2048, saved as a plain Hugging Face directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from core.modeling.loader import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
 
 
 @pytest.fixture(scope="module")
-def server(serve: Any) -> Any:
-    return serve(max_queue=2, max_batch_size=2)
+def server(serve: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    model = slow_model(tmp_path_factory.mktemp("slow-model"))
+    return serve(max_queue=2, max_batch_size=2, torch_threads=1, base_model=str(model))
 
 
 def wait_for(server: Any, pred: Any, what: str, timeout: float = 120) -> dict[str, Any]:
@@ -82,13 +116,14 @@ def test_a_streaming_client_that_disconnects_frees_its_row(server: Any) -> None:
         c.stream("POST", server.url + "/generate_stream", json=body) as r,
     ):
         assert r.status_code == 200
-        events: list[str] = []
+        running = None
         for line in r.iter_lines():
             if line.startswith("data:"):
-                events.append(line)
-            if len(events) == 3:
+                # The first token is out and the row is decoding; leaving the loop closes
+                # the response (httpx), so look before going away.
+                running = server.engine_stats()["requests_running"]
                 break
-        assert server.engine_stats()["requests_running"] == 1
+        assert running == 1
     # The connection is closed: the row leaves its batch long before LONG tokens.
     after = wait_for(server, lambda s: s["requests_running"] == 0, "the row to be freed")
     assert after["cancelled_total"] == before["cancelled_total"] + 1
