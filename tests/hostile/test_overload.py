@@ -49,7 +49,7 @@ def slow_model(root: Path) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     model.save_pretrained(root)
     tok.save_pretrained(root)
     return root
