@@ -11,7 +11,18 @@ from starlette.concurrency import run_in_threadpool
 
 from app import errors
 from app.engine.interface import Engine
-from app.routes import checkpoints, generate, health, metrics, openai, rounds, stream
+from app.routes import (
+    checkpoint_files,
+    checkpoints,
+    dashboard,
+    generate,
+    health,
+    info,
+    metrics,
+    openai,
+    rounds,
+    stream,
+)
 from app.state import AppState
 from app.swap import SwapWatcher
 from core import __version__
@@ -81,4 +92,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(rounds.router)
     app.include_router(metrics.router)
     app.include_router(checkpoints.router)
+    app.include_router(checkpoint_files.router)
+    app.include_router(info.router)
+    app.include_router(dashboard.router)
     return app
