@@ -44,7 +44,7 @@ def headline(metrics: list[RoundMetric]) -> dict[str, float]:
 def checkpoint_bytes(path: str, manifest: dict[str, Any]) -> int | None:
     """Bytes of the files the manifest lists; None when they are not on this host."""
     try:
-        return sum((Path(path) / name).stat().st_size for name in manifest.get("files", {}))
+        return sum(int((Path(path) / name).stat().st_size) for name in manifest.get("files", {}))
     except OSError:
         return None
 

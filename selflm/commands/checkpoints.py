@@ -33,7 +33,10 @@ def checkpoints(url: Url = None, as_json: AsJson = False) -> None:
     if as_json:
         print_json(body)
         return
-    table = Table("version", "status", "parent", "round", "size", "dev ppl", "test ppl", "path")
+    table = Table()
+    for name in ("version", "status", "parent", "round", "size", "dev ppl", "test ppl"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("path", overflow="fold")
     for c in body["items"]:
         m = c.get("metrics") or {}
         table.add_row(

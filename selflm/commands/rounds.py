@@ -93,18 +93,10 @@ def list_(
     if as_json:
         print_json(body)
         return
-    table = Table(
-        "id",
-        "status",
-        "stage",
-        "progress",
-        "decision",
-        "base",
-        "candidate",
-        "ε",
-        "seconds",
-        "reason",
-    )
+    table = Table()
+    for name in ("id", "status", "stage", "progress", "decision", "base", "cand.", "ε", "seconds"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("reason", overflow="ellipsis", no_wrap=True, max_width=60)
     for r in body["items"]:
         m = r.get("metrics") or {}
         eps = m.get("decide", {}).get("epsilon", m.get("meta_step", {}).get("epsilon_chosen"))
@@ -119,7 +111,7 @@ def list_(
             _v(r.get("candidate_version")),
             f"{eps:g}" if isinstance(eps, int | float) else "",
             f"{secs:.1f}" if isinstance(secs, int | float) else "",
-            (r.get("reason") or r.get("error") or "")[:80],
+            r.get("reason") or r.get("error") or "",
         )
     console.print(table)
     console.print(f"{len(body['items'])} of {body['total']} rounds")
