@@ -1,5 +1,7 @@
 """A real `selflm serve` on a free port for tests that talk HTTP (the CLI, the dashboard).
 
+Test modules put `tests/` on sys.path and import `live_fixture` (the `live` fixture) from here.
+
 PostgreSQL for the records, Celery's filesystem transport in the test's own directory for
 the queue, and the real Celery worker that `serve` starts beside the API (embedded), all on
 tiny:llama. Nothing is shared with other tests: the broker folder and database are private.
@@ -14,11 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 # Small but real: every stage runs on the tiny model (as in tests/worker/test_rounds_e2e.py).
 SMALL: dict[str, Any] = {
@@ -146,3 +150,15 @@ def stop(server: LiveServer) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
     server.proc.wait()
+
+
+@pytest.fixture(scope="module", name="live")
+def live_fixture(
+    tmp_path_factory: pytest.TempPathFactory, pg_module_db_url: str
+) -> Iterator[LiveServer]:
+    """A live server for one test module (import `live_fixture` into the module to use it)."""
+    server = start(tmp_path_factory.mktemp("live"), pg_module_db_url)
+    try:
+        yield server
+    finally:
+        stop(server)

@@ -17,7 +17,15 @@ import pexpect
 import pyte
 import pytest
 import torch
-from live_server import BETTER, REJECTED, LiveServer, as_sets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from live_server import (
+    BETTER,
+    REJECTED,
+    LiveServer,
+    as_sets,
+    live_fixture,  # noqa: F401  (the `live` fixture)
+)
 
 pytestmark = pytest.mark.slow
 

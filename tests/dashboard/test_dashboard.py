@@ -6,13 +6,21 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from live_server import BETTER, REJECTED, LiveServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from live_server import (
+    BETTER,
+    REJECTED,
+    LiveServer,
+    live_fixture,  # noqa: F401  (the `live` fixture)
+)
 from PIL import Image
 
 pytestmark = pytest.mark.slow
