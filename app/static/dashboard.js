@@ -318,7 +318,7 @@ function drawHeader(health, lineage, info) {
     }
     items.push(pill("health", health.status));
   }
-  if (info) items.push(pill("model", info.model_id));
+  if (info) items.push(pill("source", info.model_id));
   if (lineage && lineage.lineage_versions) items.push(pill("ancestry", lineage.lineage_versions.map((v) => "v" + v).join(" → ")));
   pills.replaceChildren(...items);
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -360,7 +360,7 @@ async function act(label, path, body) {
 function init() {
   const key = $("api-key");
   key.value = sessionStorage.getItem(KEY) || "";
-  key.addEventListener("change", () => sessionStorage.setItem(KEY, key.value.trim()));
+  key.addEventListener("input", () => sessionStorage.setItem(KEY, key.value.trim()));
   $("start-round").addEventListener("click", () => {
     let params;
     try { params = JSON.parse($("round-params").value || "{}"); } catch (e) { message("round parameters: not JSON: " + e.message, true); return; }
