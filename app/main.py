@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import errors
+from app import errors, openapi
 from app.engine.interface import Engine
+from app.limits import RequestGuard
 from app.routes import (
     checkpoint_files,
     checkpoints,
@@ -71,6 +72,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="selflm", version=__version__, lifespan=lifespan)
     errors.install(app)
+    # Inside the middleware below, so its 413 reaches the error handlers (app/limits.py).
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def model_version_header(
@@ -95,4 +98,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(checkpoint_files.router)
     app.include_router(info.router)
     app.include_router(dashboard.router)
+    openapi.install(app)  # the real error responses in the document (app/openapi.py)
     return app

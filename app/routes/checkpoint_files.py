@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_api_key
 from app.errors import ApiError
+from app.schemas import DB_INT_MAX
 from app.state import AppState, get_state
 from core.registry import get_checkpoint
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+Version = Annotated[int, PathParam(ge=0, le=DB_INT_MAX)]
 
 
 def _files(state: AppState, version: int) -> tuple[Path, dict[str, str]]:
@@ -33,7 +36,7 @@ def _files(state: AppState, version: int) -> tuple[Path, dict[str, str]]:
 
 @router.get("/checkpoints/{version}/files")
 async def list_files(
-    version: int, state: Annotated[AppState, Depends(get_state)]
+    version: Version, state: Annotated[AppState, Depends(get_state)]
 ) -> dict[str, Any]:
     root, files = await run_in_threadpool(_files, state, version)
     items = []
@@ -47,7 +50,7 @@ async def list_files(
 
 @router.get("/checkpoints/{version}/files/{name:path}", response_model=None)
 async def get_file(
-    version: int, name: str, state: Annotated[AppState, Depends(get_state)]
+    version: Version, name: str, state: Annotated[AppState, Depends(get_state)]
 ) -> FileResponse:
     root, files = await run_in_threadpool(_files, state, version)
     if name not in files:  # the manifest is the allow-list: no path ever leaves the directory
