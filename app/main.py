@@ -5,13 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import errors, openapi
+from app.auth import require_access
 from app.engine.interface import Engine
 from app.limits import RequestGuard
+from app.prometheus import ServingMetrics, StateCollector
 from app.routes import (
     checkpoint_files,
     checkpoints,
@@ -20,7 +26,9 @@ from app.routes import (
     health,
     info,
     metrics,
-    openai,
+    openai_chat,
+    openai_completions,
+    openai_models,
     rounds,
     stream,
 )
@@ -31,6 +39,11 @@ from core.db.session import Database, upgrade
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Routes counted by `selflm_request_*` (the inference surface).
+INFERENCE_ROUTES = frozenset(
+    {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
+)
 
 
 def _start(settings: Settings, engine: Engine | None) -> AppState:
@@ -45,13 +58,34 @@ def _start(settings: Settings, engine: Engine | None) -> AppState:
         from app.engine.torch_engine import TorchEngine
 
         engine = TorchEngine(settings)
-    engine.swap(engine.load(champion.version, champion.path, champion.manifest))
+    engine.swap(engine.load(champion))
     state = AppState(settings=settings, db=db, engine=engine)
+    metrics_ = ServingMetrics(StateCollector(state))
+    state.extras["metrics"] = metrics_
+    if hasattr(engine, "on_batch"):
+        engine.on_batch = metrics_.batch_size.observe
     watcher = SwapWatcher(settings, db, engine)
     watcher.start()
     state.extras["watcher"] = watcher
     state.extras["on_shutdown"] = [watcher.stop]
     return state
+
+
+def _docs(app: FastAPI) -> None:
+    """/openapi.json, /docs and /redoc behind the `docs` access group."""
+    guard = [Depends(require_access("docs"))]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guard)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="selflm")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guard)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="selflm")
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -70,7 +104,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             state.engine.close()
             state.db.dispose()
 
-    app = FastAPI(title="selflm", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="selflm",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     errors.install(app)
     # Inside the middleware below, so its 413 reaches the error handlers (app/limits.py).
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
@@ -80,23 +121,41 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         response = await call_next(request)
+        state: AppState | None = getattr(request.app.state, "selflm", None)
         # /generate sets the version that produced the text; others get the serving one.
         if "x-model-version" not in response.headers:
-            state: AppState | None = getattr(request.app.state, "selflm", None)
             info = state.engine.info() if state is not None else None
             if info is not None:
                 response.headers["x-model-version"] = str(info.version)
+        path = request.url.path
+        if state is not None and request.method == "POST" and path in INFERENCE_ROUTES:
+            m: ServingMetrics | None = state.extras.get("metrics")
+            if m is not None:
+                m.count(path, response.status_code)
         return response
 
-    app.include_router(generate.router)
-    app.include_router(stream.router)
-    app.include_router(openai.router)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-model-version", "x-generated-tokens", "x-prompt-tokens"],
+        )
+
+    inference: Any = [Depends(require_access("inference"))]
+    app.include_router(generate.router, dependencies=inference)
+    app.include_router(stream.router, dependencies=inference)
+    app.include_router(openai_completions.router, dependencies=inference)
+    app.include_router(openai_chat.router, dependencies=inference)
+    app.include_router(openai_models.router, dependencies=inference)
     app.include_router(health.router)
-    app.include_router(rounds.router)
-    app.include_router(metrics.router)
-    app.include_router(checkpoints.router)
-    app.include_router(checkpoint_files.router)
-    app.include_router(info.router)
-    app.include_router(dashboard.router)
+    app.include_router(rounds.router, dependencies=[Depends(require_access("reads"))])
+    app.include_router(metrics.router, dependencies=[Depends(require_access("metrics"))])
+    app.include_router(checkpoints.router, dependencies=[Depends(require_access("reads"))])
+    app.include_router(checkpoint_files.router)  # weights: the admin key (its own dependency)
+    app.include_router(info.router, dependencies=[Depends(require_access("reads"))])
+    app.include_router(dashboard.router)  # the page is static; its data calls carry the key
     openapi.install(app)  # the real error responses in the document (app/openapi.py)
+    _docs(app)
     return app

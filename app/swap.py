@@ -15,26 +15,19 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from app.engine.interface import Engine
+from core import registry
 from core.db.session import Database
 from core.notify import channel
-from core.registry import get_champion
+from core.registry import CheckpointRef
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RETRY_REFUSED_S = 60.0  # a refused version is retried this often (it may have been repaired)
-
-
-@dataclass(frozen=True)
-class Target:
-    version: int
-    path: str
-    manifest: dict[str, Any]
 
 
 class SwapWatcher:
@@ -118,10 +111,8 @@ class SwapWatcher:
                 self._stop.wait(5.0)
 
     # -- the swap --------------------------------------------------------------------
-    def _champion(self) -> Target | None:
-        with self.db.session() as s:
-            c = get_champion(s, self.settings.lineage)
-            return Target(c.version, c.path, c.manifest) if c else None
+    def _champion(self) -> CheckpointRef | None:
+        return registry.champion(self.db, self.settings.lineage)
 
     def check(self) -> None:
         target = self._champion()
@@ -139,12 +130,12 @@ class SwapWatcher:
             return
         self._load_and_swap(target)
 
-    def _load_and_swap(self, target: Target) -> None:
+    def _load_and_swap(self, target: CheckpointRef) -> None:
         with self._lock:
             self.loading = target.version
         started = time.monotonic()
         try:
-            loaded = self.engine.load(target.version, target.path, target.manifest)
+            loaded = self.engine.load(target)
         except Exception as e:
             with self._lock:
                 self.error = f"refused v{target.version}: {type(e).__name__}: {e}"

@@ -95,16 +95,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _champion_path(database_url: str, lineage: str) -> Path:
+    from core import registry
     from core.db.session import Database
-    from core.registry import get_champion
 
     db = Database(database_url)
     try:
-        with db.session() as s:
-            champ = get_champion(s, lineage)
-            if champ is None:
-                raise SystemExit(f"no champion in lineage {lineage!r} of {database_url}")
-            return Path(champ.path)
+        champ = registry.champion(db, lineage)
+        if champ is None:
+            raise SystemExit(f"no champion in lineage {lineage!r} of {database_url}")
+        return champ.path
     finally:
         db.dispose()
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.db.models import Checkpoint
 from core.db.session import Database, upgrade
 from core.registry import ensure_base_checkpoint
 from core.settings import Settings
@@ -92,33 +91,25 @@ def add_candidate(state: BenchState, version: int = 2, noise: float = 1e-3, seed
     """
     import torch
 
-    from core.modeling.loader import load_checkpoint
-    from core.store import write_checkpoint
+    from core import registry
 
     shutil.rmtree(state.workdir / "candidates", ignore_errors=True)  # a kept --workdir
-    base = load_checkpoint(state.base_path, torch.device("cpu"), torch.float32)
+    v1 = registry.get(state.db, state.settings.lineage, 1)
+    assert v1 is not None, "prepare_state records the base as v1"
+    base = registry.open(v1, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in base.model.parameters():
             p.mul_(1 + noise * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    stored = write_checkpoint(
-        base.model,
-        base.tokenizer,
+    ref = registry.publish(
+        state.db,
         state.workdir / "candidates",
         state.settings.lineage,
-        version,
+        base.model,
+        base.tokenizer,
+        parent_version=1,
         source=f"bench: v1 perturbed ({noise:g})",
+        version=version,
     )
-    with state.db.session() as s:
-        s.add(
-            Checkpoint(
-                lineage=state.settings.lineage,
-                version=version,
-                parent_version=1,
-                path=str(stored.path),
-                manifest=stored.manifest,
-                status="candidate",
-            )
-        )
     del base
-    return stored.path
+    return ref.path

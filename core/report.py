@@ -7,36 +7,37 @@ from typing import Any
 
 from sqlalchemy import select
 
+from core import metric_names as mn
 from core.db.models import Checkpoint, RoundMetric, UpdateRound
 from core.db.session import Database
 
 HEADLINE = {
-    ("evaluate", "champion_dev_ppl"),
-    ("evaluate", "candidate_dev_ppl"),
-    ("evaluate", "champion_test_ppl"),
-    ("evaluate", "candidate_test_ppl"),
-    ("evaluate", "champion_valid_ppl"),
-    ("evaluate", "candidate_valid_ppl"),
-    ("evaluate", "champion_distinct_2"),
-    ("evaluate", "candidate_distinct_2"),
-    ("evaluate", "champion_repetition_rate"),
-    ("evaluate", "candidate_repetition_rate"),
-    ("meta_step", "epsilon_chosen"),
-    ("decide", "improvement"),
-    ("select", "selected"),
-    ("generate", "tokens_per_s"),
-    ("update", "tokens_per_s"),
-    ("round", "seconds"),
+    (mn.EVALUATE, mn.CHAMPION_DEV_PPL),
+    (mn.EVALUATE, mn.CANDIDATE_DEV_PPL),
+    (mn.EVALUATE, mn.CHAMPION_TEST_PPL),
+    (mn.EVALUATE, mn.CANDIDATE_TEST_PPL),
+    (mn.EVALUATE, mn.CHAMPION_VALID_PPL),
+    (mn.EVALUATE, mn.CANDIDATE_VALID_PPL),
+    (mn.EVALUATE, mn.CHAMPION_DISTINCT_2),
+    (mn.EVALUATE, mn.CANDIDATE_DISTINCT_2),
+    (mn.EVALUATE, mn.CHAMPION_REPETITION_RATE),
+    (mn.EVALUATE, mn.CANDIDATE_REPETITION_RATE),
+    (mn.META_STEP, mn.EPSILON_CHOSEN),
+    (mn.DECIDE, mn.IMPROVEMENT),
+    (mn.SELECT, mn.SELECTED),
+    (mn.GENERATE, mn.TOKENS_PER_S),
+    (mn.UPDATE, mn.TOKENS_PER_S),
+    (mn.ROUND, mn.SECONDS),
 }
+# Stages whose headline names are unique as they are; the others get a ``<stage>_`` prefix.
+_UNPREFIXED = (mn.EVALUATE, mn.META_STEP, mn.DECIDE)
 
 
 def headline(metrics: list[RoundMetric]) -> dict[str, float]:
     out: dict[str, float] = {}
     for m in metrics:
         if m.step is None and (m.stage, m.name) in HEADLINE:
-            key = (
-                m.name if m.stage in ("evaluate", "meta_step", "decide") else f"{m.stage}_{m.name}"
-            )
+            key = m.name if m.stage in _UNPREFIXED else f"{m.stage}_{m.name}"
             out[key] = m.value
     return out
 

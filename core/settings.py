@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Route groups SELFLM_OPEN_ROUTES may open when keys are set (app/auth.py).
+OPEN_GROUPS = frozenset({"inference", "reads", "metrics", "docs"})
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -45,6 +47,18 @@ class Settings(BaseSettings):
     device: DeviceName = "auto"
     dtype: DtypeName = "auto"
     api_keys: str = ""
+    # Keys that grant the inference routes only (TGI, OpenAI, /tokenize), like vLLM's
+    # --api-key; `api_keys` grant everything.
+    inference_api_keys: str = ""
+    # With keys set, every route but /health needs one, except the groups listed here
+    # (comma-separated): inference, reads, metrics, docs. Mutating routes always need a key.
+    open_routes: str = ""
+    # CORS: allowed origins, comma-separated ("*" for any); empty turns CORS off.
+    cors_origins: str = ""
+    # The model id of the OpenAI surface (constant across promotions; the version travels in
+    # `x-model-version`). Empty: the base model's name.
+    served_model_name: str = ""
+    max_best_of: int = Field(default=2, ge=1, le=16)
 
     # Serving limits (TGI names where TGI has them).
     max_new_tokens_limit: int = Field(default=1024, ge=1)
@@ -81,6 +95,19 @@ class Settings(BaseSettings):
     round_time_limit_s: int = 3900
     # A running round whose heartbeat is older than this is taken to have lost its worker.
     round_stale_after_s: float = Field(default=300.0, gt=0)
+    # Progress inside a stage is written to the round row at most this often.
+    progress_interval_s: float = Field(default=1.0, gt=0)
+
+    @field_validator("open_routes")
+    @classmethod
+    def _open_routes(cls, v: str) -> str:
+        unknown = _split(v) - OPEN_GROUPS
+        if unknown:
+            raise ValueError(
+                f"open_routes: unknown group(s) {sorted(unknown)}; "
+                f"choose from {sorted(OPEN_GROUPS)} (admin routes always need a key)"
+            )
+        return v
 
     @field_validator("checkpoint_dir")
     @classmethod
@@ -118,7 +145,27 @@ class Settings(BaseSettings):
 
     @property
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+        return _split(self.api_keys)
+
+    @property
+    def inference_key_set(self) -> frozenset[str]:
+        return _split(self.inference_api_keys)
+
+    @property
+    def open_route_groups(self) -> frozenset[str]:
+        return _split(self.open_routes)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return sorted(_split(self.cors_origins))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.base_model
+
+
+def _split(value: str) -> frozenset[str]:
+    return frozenset(k.strip() for k in value.split(",") if k.strip())
 
 
 @lru_cache(maxsize=1)

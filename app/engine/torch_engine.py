@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,16 +31,18 @@ from app.engine.interface import (
     EngineValidationError,
     GenerationResult,
     ModelInfo,
+    PromptDetails,
     RequestCancelledError,
     StreamToken,
 )
 from app.limits import current_request
-from core.modeling.decode import Row, aborted, decode_batch, token_details
+from core import registry
+from core.modeling.decode import Row, aborted, decode_batch, prompt_logprobs, token_details
 from core.modeling.device import dtype_name, pick_device, pick_dtype
-from core.modeling.loader import load_checkpoint
-from core.modeling.params import SamplingParams
+from core.modeling.params import SamplingParams, TokenInfo, TopToken
+from core.registry import CheckpointRef
 from core.settings import Settings
-from core.store import verify_checkpoint, weights_bytes
+from core.store import weights_bytes
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class _Pending:
     future: Future[GenerationResult]
     enqueued: float
     started: float = 0.0
+    first_token: float | None = None
 
 
 class _Gone:
@@ -97,17 +99,18 @@ class TorchEngine:
         self.cancelled = 0
         self.expired = 0
         self.row_errors = 0
+        # Called from the batching thread with the rows in flight when a batch starts or
+        # grows (the app's Prometheus histogram); must not raise.
+        self.on_batch: Callable[[int], None] | None = None
 
     # -- model lifecycle -------------------------------------------------------------
-    def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> LoadedModel:
+    def load(self, ref: CheckpointRef) -> LoadedModel:
         """Verify and load a checkpoint beside the serving one (does not swap)."""
-        p = Path(path)
-        verify_checkpoint(p, manifest)
-        loaded = load_checkpoint(p, self.device, self.dtype)
-        model, tokenizer = loaded.model, loaded.tokenizer
+        loaded = registry.open(ref, self.device, self.dtype)
+        model, tokenizer, p, version = loaded.model, loaded.tokenizer, ref.path, ref.version
         info = ModelInfo(
             version=version,
-            model_id=str((manifest or {}).get("source", p.name)),
+            model_id=str(ref.manifest.get("source", p.name)),
             dtype=dtype_name(self.dtype),
             device=str(self.device),
             max_context=context_length(model.config),
@@ -180,10 +183,11 @@ class TorchEngine:
         details: bool = False,
         on_token: Callable[[int, float], None] | None = None,
         deadline: float | None = None,
+        rows: list[Row] | None = None,
     ) -> Future[GenerationResult]:
         self._check_admission(deadline)
-        row = self._make_row(self.current(), prompt, params, details, on_token, deadline)
-        return self._enqueue(row)
+        row = self._make_row(self.current(), prompt, params, details, deadline)
+        return self._enqueue(row, on_token, rows)
 
     # -- admission, deadlines and abandonment (docs/reliability.md) --------------------
     def _check_admission(self, deadline: float | None) -> None:
@@ -207,27 +211,29 @@ class TorchEngine:
         prompt: str,
         params: SamplingParams,
         details: bool,
-        on_token: Callable[[int, float], None] | None,
         deadline: float | None,
     ) -> Row:
         ids = self._prompt_ids(cur, prompt, params)
         try:
-            return Row(
-                prompt_ids=ids,
-                params=params,
-                want_tokens=details,
-                on_token=on_token,
-                deadline=deadline,
-            )
+            return Row(prompt_ids=ids, params=params, want_tokens=details, deadline=deadline)
         except (RuntimeError, ValueError, OverflowError) as e:  # a seed torch cannot take
             raise EngineValidationError(f"invalid sampling parameters: {e}") from e
 
-    def _enqueue(self, row: Row) -> Future[GenerationResult]:
+    def _enqueue(
+        self,
+        row: Row,
+        on_token: Callable[[int, float], None] | None,
+        rows: list[Row] | None,
+    ) -> Future[GenerationResult]:
         if self._queue.qsize() >= self.settings.max_queue:
             self.shed += 1
             raise EngineOverloadedError("Model is overloaded")
         fut: Future[GenerationResult] = Future()
-        self._queue.put(_Pending(row=row, future=fut, enqueued=time.monotonic()))
+        pending = _Pending(row=row, future=fut, enqueued=time.monotonic())
+        row.on_token = _timed(pending, on_token)
+        if rows is not None:  # the caller sees its row before the batcher does
+            rows.append(row)
+        self._queue.put(pending)
         return fut
 
     async def _submit(
@@ -236,6 +242,7 @@ class TorchEngine:
         params: SamplingParams,
         details: bool,
         on_token: Callable[[int, float], None] | None,
+        rows: list[Row] | None = None,
     ) -> tuple[Future[GenerationResult], Row]:
         ctx = current_request()
         deadline = request_deadline(
@@ -244,10 +251,8 @@ class TorchEngine:
         self._check_admission(deadline)  # the queue is checked before any work
         cur = self.current()
         # Tokenizing a long prompt takes a while: never on the event loop.
-        row = await run_in_threadpool(
-            self._make_row, cur, prompt, params, details, on_token, deadline
-        )
-        return self._enqueue(row), row
+        row = await run_in_threadpool(self._make_row, cur, prompt, params, details, deadline)
+        return self._enqueue(row, on_token, rows), row
 
     def _abandon(self, row: Row, fut: Future[GenerationResult], why: BaseException) -> None:
         """Drop the request's work: a queued row is never started, a running one leaves
@@ -285,13 +290,18 @@ class TorchEngine:
     ) -> AsyncIterator[StreamToken | GenerationResult]:
         """Tokens as they are chosen, then the final result."""
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[tuple[int, float] | _Gone | None] = asyncio.Queue()
+        q: asyncio.Queue[tuple[int, float, tuple[TopToken, ...]] | _Gone | None]
+        q = asyncio.Queue()
         tokenizer = self.current().tokenizer
+        rows: list[Row] = []
 
         def on_token(tok: int, logprob: float) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, (tok, logprob))
+            # The decoding thread notes a row's top-n alternatives before this call.
+            tops = rows[0].tops if rows else []
+            top = tops[-1] if params.top_n_tokens and tops else ()
+            loop.call_soon_threadsafe(q.put_nowait, (tok, logprob, top))
 
-        fut, row = await self._submit(prompt, params, False, on_token)
+        fut, row = await self._submit(prompt, params, False, on_token, rows)
         fut.add_done_callback(lambda _: loop.call_soon_threadsafe(q.put_nowait, None))
         abandon = asyncio.ensure_future(abandon_signal(row.deadline, current_request()))
         abandon.add_done_callback(lambda t: None if t.cancelled() else q.put_nowait(_Gone()))
@@ -304,12 +314,17 @@ class TorchEngine:
                     why = abandon.result()
                     self._abandon(row, fut, why)
                     raise why
-                tok, logprob = item
-                ids.append(tok)
-                # Decode the whole prefix: a token may complete a multi-byte character.
-                full = tokenizer.decode(ids, skip_special_tokens=True)
-                piece, text = full[len(text) :], full
-                yield StreamToken(id=tok, text=piece, logprob=logprob, special=tok in special)
+                tok, logprob, top = item
+                if tok in special:
+                    piece = tokenizer.decode([tok], skip_special_tokens=False)
+                else:
+                    ids.append(tok)
+                    # Decode the whole prefix: a token may complete a multi-byte character.
+                    full = tokenizer.decode(ids, skip_special_tokens=True)
+                    piece, text = full[len(text) :], full
+                yield StreamToken(
+                    id=tok, text=piece, logprob=logprob, special=tok in special, top=top
+                )
             result: GenerationResult = await asyncio.wrap_future(fut)
         finally:
             abandon.cancel()
@@ -386,6 +401,8 @@ class TorchEngine:
                     in_flight[id(item.row)] = item
                     joined.append(item.row)
             self.requests += len(joined)
+            if joined:
+                self._note_batch(len(in_flight))
             return joined
 
         def on_finish(row: Row) -> None:
@@ -396,23 +413,30 @@ class TorchEngine:
                     self.row_errors += 1
                 p.future.set_exception(err)
                 return
-            self.meter.record(time.monotonic() - p.started)
+            now = time.monotonic()
+            self.meter.record(now - p.started)
             assert row.finish_reason is not None and cur is not None
-            self.generated_tokens += len(row.generated)
+            # As TGI: the EOS token that ended a row counts as a generated token.
+            generated = len(row.generated) + (row.eos_token is not None)
+            self.generated_tokens += generated
             p.future.set_result(
                 GenerationResult(
                     text=row.text,
                     finish_reason=row.finish_reason,
-                    generated_tokens=len(row.generated),
+                    generated_tokens=generated,
                     seed=row.seed,
                     model_version=cur.info.version,
                     prompt_tokens=len(row.prompt_ids),
                     tokens=token_details(row, cur.tokenizer) if row.want_tokens else [],
+                    queue_s=max(0.0, p.started - p.enqueued),
+                    first_token_s=(p.first_token - p.enqueued) if p.first_token else None,
+                    total_s=now - p.enqueued,
                 )
             )
 
         self.batches += 1
         self.requests += len(batch)
+        self._note_batch(len(in_flight))
         try:
             decode_batch(
                 cur.model,
@@ -427,3 +451,74 @@ class TorchEngine:
             for p in in_flight.values():
                 p.future.set_exception(e)
             in_flight.clear()
+
+    # -- surface features (TGI / OpenAI) ---------------------------------------------
+    def _note_batch(self, size: int) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(size)
+            except Exception:  # metrics never fail a batch
+                log.warning("batch observer failed", exc_info=True)
+
+    def tokenize(self, text: str) -> list[tuple[int, str, int, int]]:
+        """TGI's /tokenize: (id, text, start, stop) per token, offsets into `text`."""
+        tok = self.current().tokenizer
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            (int(i), text[a:b], int(a), int(b))
+            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
+
+    def decode_tokens(self, ids: list[int]) -> dict[int, str]:
+        tok = self.current().tokenizer
+        return {i: tok.decode([i], skip_special_tokens=False) for i in ids}
+
+    def prompt_details(self, prompt: str, params: SamplingParams) -> PromptDetails:
+        """Prompt tokens with their log-probabilities (runs in the caller's thread)."""
+        cur = self.current()
+        ids = self._prompt_ids(cur, prompt, params)
+        lps, tops = prompt_logprobs(cur.model, ids, params.top_n_tokens)
+        special = set(cur.tokenizer.all_special_ids)
+        out: list[TokenInfo] = []
+        done: list[int] = []
+        text = ""
+        for t, lp, top in zip(ids, lps, tops, strict=True):
+            done.append(t)
+            full = cur.tokenizer.decode(done, skip_special_tokens=False)
+            piece, text = full[len(text) :], full
+            # TGI sends the first prefill token's logprob as null (NaN on the wire is invalid).
+            out.append(
+                TokenInfo(
+                    id=t,
+                    text=piece,
+                    logprob=lp if lp is not None else float("nan"),
+                    special=t in special,
+                    top=top,
+                )
+            )
+        return PromptDetails(tokens=out)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages with the serving checkpoint's chat template."""
+        tok = self.current().tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise EngineValidationError("the served checkpoint has no chat template")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template may refuse a conversation (e.g. role order)
+            raise EngineValidationError(f"chat template: {e}") from e
+        return str(text)
+
+
+def _timed(
+    pending: _Pending, on_token: Callable[[int, float], None] | None
+) -> Callable[[int, float], None]:
+    """Wrap a row's token callback to note when its first token was chosen."""
+
+    def call(tok: int, logprob: float) -> None:
+        if pending.first_token is None:
+            pending.first_token = time.monotonic()
+        if on_token is not None:
+            on_token(tok, logprob)
+
+    return call

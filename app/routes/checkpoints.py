@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -13,14 +12,10 @@ from app.auth import require_api_key
 from app.errors import ApiError
 from app.schemas import DB_INT_MAX
 from app.state import AppState, get_state
-from core.notify import announce
-from core.registry import get_checkpoint, promote
+from core import registry
 from core.report import build_report
-from core.store import CheckpointError, verify_checkpoint
 
 router = APIRouter()
-
-PROMOTABLE = ("retired", "candidate", "champion")
 
 
 @router.get("/checkpoints")
@@ -31,22 +26,14 @@ async def list_checkpoints(state: Annotated[AppState, Depends(get_state)]) -> di
 
 def _promote(state: AppState, version: int) -> dict[str, Any]:
     lineage = state.settings.lineage
-    with state.db.session() as s:
-        row = get_checkpoint(s, lineage, version)
-        if row is None:
-            raise ApiError(404, f"checkpoint v{version} not found")
-        if row.status not in PROMOTABLE:
-            raise ApiError(
-                409, f"checkpoint v{version} is {row.status}; cannot promote", "conflict"
-            )
-        path, manifest = row.path, row.manifest
     try:
-        verify_checkpoint(Path(path), manifest)  # never point replicas at a broken checkpoint
-    except CheckpointError as e:
+        registry.promote(state.db, lineage, version, redis_url=state.settings.redis_url)
+    except registry.CheckpointNotFoundError as e:
+        raise ApiError(404, str(e)) from e
+    except registry.PromotionConflict as e:
+        raise ApiError(409, str(e), "conflict") from e
+    except registry.CheckpointError as e:
         raise ApiError(409, f"checkpoint v{version} failed verification: {e}", "conflict") from e
-    with state.db.session() as s:
-        promote(s, lineage, version)
-    announce(state.settings.redis_url, lineage, version)
     watcher = state.extras.get("watcher")
     if watcher is not None:
         watcher.poke()

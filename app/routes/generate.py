@@ -1,56 +1,37 @@
-"""POST /generate (TGI's schema)."""
+"""TGI's routes without streaming: POST /generate, POST / (TGI's alias), POST /tokenize."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import ApiError
-from app.schemas import Details, GenerateParameters, GenerateRequest, GenerateResponse
+from app.engine.interface import GenerationResult
+from app.prometheus import observe_result
+from app.protocol.tgi import (
+    BestOfSequence,
+    CompatGenerateRequest,
+    Details,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    PrefillToken,
+    SimpleToken,
+    Token,
+    TokenizeRequest,
+)
+from app.routes.stream import stream_tgi
 from app.state import AppState, get_state
 from core.db.models import ServedPrompt
-from core.modeling.params import SamplingParams
-from core.settings import Settings
+from core.modeling.params import TokenInfo
 
 log = logging.getLogger(__name__)
-router = APIRouter()
-
-
-def sampling_params(p: GenerateParameters, settings: Settings) -> SamplingParams:
-    max_new = p.max_new_tokens if p.max_new_tokens is not None else settings.default_max_new_tokens
-    if max_new <= 0:
-        raise ApiError(422, "`max_new_tokens` must be strictly positive")
-    if max_new > settings.max_new_tokens_limit:
-        raise ApiError(
-            422, f"`max_new_tokens` must be <= {settings.max_new_tokens_limit}. Given: {max_new}"
-        )
-    if len(p.stop) > settings.max_stop_sequences:
-        raise ApiError(
-            422,
-            f"`stop` supports up to {settings.max_stop_sequences} stop sequences. "
-            f"Given: {len(p.stop)}",
-        )
-    # As in TGI, any sampling warper turns sampling on even without do_sample.
-    do_sample = (
-        p.do_sample
-        or (p.temperature is not None and p.temperature != 1.0)
-        or p.top_k is not None
-        or (p.top_p is not None and p.top_p < 1.0)
-    )
-    return SamplingParams(
-        max_new_tokens=max_new,
-        do_sample=do_sample,
-        temperature=p.temperature if p.temperature is not None else 1.0,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        repetition_penalty=p.repetition_penalty,
-        seed=p.seed,
-        stop=tuple(p.stop),
-        truncate=p.truncate,
-    )
+router = APIRouter(tags=["TGI"])
 
 
 def _record_prompt(state: AppState, prompt: str, version: int) -> None:
@@ -63,29 +44,110 @@ def _record_prompt(state: AppState, prompt: str, version: int) -> None:
         log.warning("could not record served prompt", exc_info=True)
 
 
-# exclude_unset, not exclude_none: `details` is left out unless asked for, but a greedy
-# request's `"seed": null` is part of TGI's details and must stay.
+def _tokens(infos: list[TokenInfo]) -> list[Token]:
+    return [Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in infos]
+
+
+def _top_tokens(infos: list[TokenInfo], decode: dict[int, str]) -> list[list[Token]]:
+    return [
+        [Token(id=a.id, text=decode.get(a.id, ""), logprob=a.logprob, special=False) for a in t.top]
+        for t in infos
+    ]
+
+
+def _score(r: GenerationResult) -> float:
+    return sum(t.logprob for t in r.tokens)
+
+
+async def serve_generate(
+    body: GenerateRequest, state: AppState, response: Response
+) -> GenerateResponse:
+    p: GenerateParameters = body.parameters
+    p.check_supported(state.settings, stream=False)
+    best_of = p.best_of or 1
+    params = [p.to_sampling_params(state.settings, i) for i in range(best_of)]
+    want = p.details or p.decoder_input_details or best_of > 1
+    results = await asyncio.gather(*(state.engine.generate(body.inputs, sp, want) for sp in params))
+    order = sorted(range(best_of), key=lambda i: -_score(results[i])) if best_of > 1 else [0]
+    result = results[order[0]]
+    response.headers["x-model-version"] = str(result.model_version)
+    response.headers["x-generated-tokens"] = str(result.generated_tokens)
+    response.headers["x-prompt-tokens"] = str(result.prompt_tokens)
+    for r in results:
+        observe_result(state, r)
+    if state.settings.record_prompts:
+        await run_in_threadpool(_record_prompt, state, body.inputs, result.model_version)
+    prefix = body.inputs if p.return_full_text else ""
+    if not (p.details or p.decoder_input_details):
+        return GenerateResponse(generated_text=prefix + result.text)
+    prefill: list[PrefillToken] = []
+    if p.decoder_input_details:
+        prompt = await run_in_threadpool(state.engine.prompt_details, body.inputs, params[0])
+        prefill = [
+            PrefillToken(id=t.id, text=t.text, logprob=None if math.isnan(t.logprob) else t.logprob)
+            for t in prompt.tokens
+        ]
+    names = await run_in_threadpool(_top_names, state, results) if p.top_n_tokens else {}
+    details = Details(
+        finish_reason=result.finish_reason,
+        generated_tokens=result.generated_tokens,
+        seed=result.seed,
+        prefill=prefill,
+        tokens=_tokens(result.tokens),
+    )
+    if p.top_n_tokens:
+        details.top_tokens = _top_tokens(result.tokens, names)
+    if best_of > 1:
+        details.best_of_sequences = [
+            BestOfSequence(
+                generated_text=prefix + results[i].text,
+                finish_reason=results[i].finish_reason,
+                generated_tokens=results[i].generated_tokens,
+                seed=results[i].seed,
+                prefill=prefill,
+                tokens=_tokens(results[i].tokens),
+                top_tokens=_top_tokens(results[i].tokens, names),
+            )
+            for i in order[1:]
+        ]
+    return GenerateResponse(generated_text=prefix + result.text, details=details)
+
+
+def _top_names(state: AppState, results: list[GenerationResult]) -> dict[int, str]:
+    ids = {a.id for r in results for t in r.tokens for a in t.top}
+    return state.engine.decode_tokens(sorted(ids))
+
+
+# exclude_unset: `details` is left out unless asked for, and so are `top_tokens` and
+# `best_of_sequences`, while a greedy request's `"seed": null` stays (TGI sends it).
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True)
 async def generate(
     body: GenerateRequest, response: Response, state: Annotated[AppState, Depends(get_state)]
 ) -> GenerateResponse:
-    params = sampling_params(body.parameters, state.settings)
-    result = await state.engine.generate(body.inputs, params, body.parameters.details)
-    response.headers["x-model-version"] = str(result.model_version)
-    response.headers["x-generated-tokens"] = str(result.generated_tokens)
-    response.headers["x-prompt-tokens"] = str(result.prompt_tokens)
-    if state.settings.record_prompts:
-        await run_in_threadpool(_record_prompt, state, body.inputs, result.model_version)
-    text = body.inputs + result.text if body.parameters.return_full_text else result.text
-    if not body.parameters.details:
-        return GenerateResponse(generated_text=text)
-    return GenerateResponse(
-        generated_text=text,
-        details=Details(
-            finish_reason=result.finish_reason,
-            generated_tokens=result.generated_tokens,
-            seed=result.seed,
-            prefill=[],
-            tokens=[t.__dict__ for t in result.tokens],  # type: ignore[misc]
-        ),
-    )
+    return await serve_generate(body, state, response)
+
+
+@router.post(
+    "/",
+    response_model=GenerateResponse,
+    response_model_exclude_unset=True,
+    summary="TGI's compatibility route: /generate, or /generate_stream with stream=true",
+)
+async def compat_generate(
+    body: CompatGenerateRequest,
+    response: Response,
+    state: Annotated[AppState, Depends(get_state)],
+) -> GenerateResponse | StreamingResponse:
+    if body.stream:
+        return await stream_tgi(body, state)
+    return await serve_generate(body, state, response)
+
+
+@router.post("/tokenize", response_model=list[SimpleToken])
+async def tokenize(
+    body: TokenizeRequest, state: Annotated[AppState, Depends(get_state)]
+) -> list[SimpleToken]:
+    pieces = await run_in_threadpool(state.engine.tokenize, body.inputs)
+    if body.parameters is not None and body.parameters.truncate is not None:
+        pieces = pieces[-body.parameters.truncate :]
+    return [SimpleToken(id=i, text=t, start=a, stop=b) for i, t, a, b in pieces]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_api_key
@@ -28,7 +28,15 @@ class RoundOut(BaseModel):
     lineage: str
     status: str
     stage: str | None
-    progress: float
+    stage_progress: float = Field(description="progress inside the current stage, 0..1")
+    progress: float = Field(description="overall progress, 0..1; never moves backwards")
+    progress_detail: dict[str, Any] | None = Field(
+        description='what the stage counts, e.g. {"done": 120, "total": 480, "unit": "tokens"}'
+    )
+    eta_s: float | None = Field(
+        description="seconds left, estimated from the time so far and `progress`; null when "
+        "the round is not running or has made no measurable progress yet"
+    )
     params: dict[str, Any]
     base_version: int | None
     candidate_version: int | None
@@ -52,6 +60,17 @@ class RoundList(BaseModel):
     offset: int
 
 
+def eta_s(row: UpdateRound, now: datetime | None = None) -> float | None:
+    """Time so far × (what is left / what is done): crude, but it moves with the bar."""
+    if row.status != "running" or row.started_at is None or not 0.0 < row.progress < 1.0:
+        return None
+    started = row.started_at
+    if started.tzinfo is None:  # SQLite hands back naive UTC
+        started = started.replace(tzinfo=UTC)
+    elapsed = ((now or datetime.now(UTC)) - started).total_seconds()
+    return max(0.0, elapsed * (1.0 - row.progress) / row.progress)
+
+
 def round_out(row: UpdateRound) -> RoundOut:
     metrics = records.metrics_dict(row)
     timings = {
@@ -64,7 +83,10 @@ def round_out(row: UpdateRound) -> RoundOut:
         lineage=row.lineage,
         status=row.status,
         stage=row.stage,
+        stage_progress=row.stage_progress or 0.0,
         progress=row.progress,
+        progress_detail=row.progress_detail,
+        eta_s=eta_s(row),
         params=row.params,
         base_version=row.base_version,
         candidate_version=row.candidate_version,

@@ -35,7 +35,7 @@ function authHeaders() {
   return key ? { authorization: "Bearer " + key } : {};
 }
 async function api(path, opts = {}) {
-  const headers = Object.assign({ accept: "application/json" }, opts.headers || {});
+  const headers = Object.assign({ accept: "application/json" }, authHeaders(), opts.headers || {});
   const r = await fetch(path, Object.assign({}, opts, { headers }));
   const text = await r.text();
   let body = null;
@@ -330,7 +330,7 @@ async function refresh() {
   const [health, lineage, info, report, rounds, prom] = await Promise.all([
     soft(api("/health")), soft(api("/info/lineage")), soft(api("/info")),
     soft(api("/metrics?limit=200")), soft(api("/update-rounds?limit=50")),
-    soft(fetch("/metrics", { headers: { accept: "text/plain;version=0.0.4" } }).then((r) => (r.ok ? r.text() : null))),
+    soft(fetch("/metrics", { headers: Object.assign({ accept: "text/plain;version=0.0.4" }, authHeaders()) }).then((r) => (r.ok ? r.text() : null))),
   ]);
   drawHeader(health, lineage, info);
   if (report) { drawCharts(report); drawCheckpoints(report); }

@@ -249,3 +249,43 @@ def served_prompts(db: Database, lineage: str, limit: int) -> list[str]:
                 .limit(limit)
             )
         )
+
+
+# ------------------------------------------------------------------ progress inside a stage
+
+
+def enter_stage(db: Database, round_id: int, stage: str, progress: float) -> None:
+    """A stage begins: its name, its own progress back to 0, the overall bar where it starts."""
+    with db.session() as s:
+        s.execute(
+            update(UpdateRound)
+            .where(UpdateRound.id == round_id)
+            .values(
+                stage=stage,
+                stage_progress=0.0,
+                progress=max(0.0, min(1.0, progress)),
+                progress_detail=None,
+                heartbeat_at=utcnow(),
+            )
+        )
+
+
+def write_progress(
+    db: Database,
+    round_id: int,
+    stage_progress: float,
+    progress: float,
+    detail: dict[str, Any] | None,
+) -> None:
+    """Progress inside the current stage (the worker calls this at a bounded rate)."""
+    with db.session() as s:
+        s.execute(
+            update(UpdateRound)
+            .where(UpdateRound.id == round_id)
+            .values(
+                stage_progress=max(0.0, min(1.0, stage_progress)),
+                progress=max(0.0, min(1.0, progress)),
+                progress_detail=detail,
+                heartbeat_at=utcnow(),
+            )
+        )

@@ -19,8 +19,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from core.modeling.params import FinishReason, SamplingParams, TokenInfo
-from core.modeling.sampling import apply_repetition_penalty, choose_next
+from core.modeling.params import FinishReason, SamplingParams, TokenInfo, TopToken
+from core.modeling.sampling import (
+    apply_frequency_presence,
+    apply_repetition_penalty,
+    choose_next,
+    top_alternatives,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,11 @@ class Row:
     # Why the row stopped without a finish_reason (its own failure, cancel, deadline); its
     # neighbours in the batch are not affected.
     error: BaseException | None = None
+    # The EOS token that ended the row (TGI reports it as a special token; not in `generated`).
+    eos_token: int | None = None
+    eos_logprob: float = 0.0
+    # Per generated step (and the EOS step), the `top_n_tokens` alternatives when asked for.
+    tops: list[tuple[TopToken, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.params.do_sample:
@@ -119,16 +129,37 @@ def forward_kwargs(model: Any) -> tuple[str, bool]:
 
 def _check_stop(row: Row, tokenizer: Any) -> bool:
     text = tokenizer.decode(row.generated, skip_special_tokens=True)
-    cut = -1
-    for s in row.params.stop:
-        i = text.find(s)
-        if i >= 0 and (cut < 0 or i + len(s) < cut):
-            cut = i + len(s)
-    if cut >= 0:
-        # TGI keeps the stop sequence in generated_text and drops anything after it.
-        row.text = text[:cut]
+    if any(s in text for s in row.params.stop):
+        # As TGI: stop after the token that completes a stop sequence and keep the whole
+        # decoded text, so the generated tokens add up to generated_text.
+        row.text = text
         return True
     return False
+
+
+def _note_extras(rows: list[Row], logits: torch.Tensor, chosen: list[int]) -> None:
+    """Top-n alternatives per row that asked for them (off the common path)."""
+    wanted = [i for i, r in enumerate(rows) if r.params.top_n_tokens > 0]
+    if not wanted:
+        return
+    n = max(rows[i].params.top_n_tokens for i in wanted)
+    ids, lps = top_alternatives(logits[wanted], n)
+    for j, i in enumerate(wanted):
+        k = rows[i].params.top_n_tokens
+        rows[i].tops.append(
+            tuple(TopToken(id=t, logprob=lp) for t, lp in zip(ids[j][:k], lps[j][:k], strict=True))
+        )
+
+
+def _penalize(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency / presence penalties (a copy of the logits when any row has one)."""
+    freq = [r.params.frequency_penalty for r in rows]
+    pres = [r.params.presence_penalty for r in rows]
+    if not any(freq) and not any(pres):
+        return logits
+    logits = logits.float().clone()
+    apply_frequency_presence(logits, [r.generated for r in rows], freq, pres)
+    return logits
 
 
 def _finish(row: Row, tokenizer: Any, reason: FinishReason) -> None:
@@ -232,9 +263,11 @@ def decode_batch(
         if any(p not in (None, 1.0) for p in penalties):
             logits = logits.float().clone()
             apply_repetition_penalty(logits, seen, penalties)
+        logits = _penalize(active, logits)
         chosen, lp, failed = _choose_rows(logits, active)
         chosen_list = chosen.tolist()
         lp_list = lp.tolist()
+        _note_extras(active, logits, chosen_list)
         keep: list[int] = []
         now = time.monotonic()
         for j, r in enumerate(active):
@@ -244,6 +277,12 @@ def decode_batch(
                 continue
             tok = int(chosen_list[j])
             if tok in stops:
+                r.eos_token, r.eos_logprob = tok, float(lp_list[j])
+                if r.on_token is not None:
+                    try:
+                        r.on_token(tok, float(lp_list[j]))
+                    except Exception as e:  # e.g. its client's loop is gone
+                        r.error = e
                 done(r, "eos_token")
                 continue
             r.generated.append(tok)
@@ -297,8 +336,50 @@ def decode_batch(
 
 
 def token_details(row: Row, tokenizer: Any) -> list[TokenInfo]:
+    """Each generated token, then the EOS token that ended the row (TGI reports it, special).
+
+    Texts are decoded incrementally, so the non-special texts add up to the generated text
+    even where one character spans several tokens.
+    """
     special = set(tokenizer.all_special_ids)
-    return [
-        TokenInfo(id=t, text=tokenizer.decode([t]), logprob=lp, special=t in special)
-        for t, lp in zip(row.generated, row.logprobs, strict=True)
-    ]
+    ids = list(row.generated)
+    lps = list(row.logprobs)
+    if row.eos_token is not None:
+        ids.append(row.eos_token)
+        lps.append(row.eos_logprob)
+    out: list[TokenInfo] = []
+    done: list[int] = []
+    text = ""
+    for k, (t, lp) in enumerate(zip(ids, lps, strict=True)):
+        top = row.tops[k] if k < len(row.tops) else ()
+        if t in special:
+            piece = tokenizer.decode([t], skip_special_tokens=False)
+        else:
+            done.append(t)
+            full = tokenizer.decode(done, skip_special_tokens=True)
+            piece, text = full[len(text) :], full
+        out.append(TokenInfo(id=t, text=piece, logprob=lp, special=t in special, top=top))
+    return out
+
+
+@torch.inference_mode()
+def prompt_logprobs(
+    model: Any, ids: list[int], top_n: int = 0
+) -> tuple[list[float | None], list[tuple[TopToken, ...]]]:
+    """Log-probability of each prompt token given the ones before it (None for the first),
+    and its `top_n` alternatives: TGI's `decoder_input_details`, OpenAI's `echo` logprobs."""
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    logp = model(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+    target = x[0, 1:]
+    lps: list[float | None] = [None, *logp.gather(1, target[:, None])[:, 0].tolist()]
+    tops: list[tuple[TopToken, ...]] = [()]
+    if top_n > 0:
+        vals, idx = logp.topk(top_n, dim=-1)
+        tops += [
+            tuple(TopToken(id=t, logprob=v) for t, v in zip(ti, vi, strict=True))
+            for ti, vi in zip(idx.tolist(), vals.tolist(), strict=True)
+        ]
+    else:
+        tops += [()] * (len(ids) - 1)
+    return lps, tops

@@ -19,6 +19,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     truncate: int | None = None
+    # Features of the TGI and OpenAI surfaces (None / 0: off).
+    typical_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    top_n_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -27,3 +32,11 @@ class TokenInfo:
     text: str
     logprob: float
     special: bool
+    # The `top_n_tokens` most likely alternatives at this step (empty unless asked for).
+    top: tuple[TopToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class TopToken:
+    id: int
+    logprob: float

@@ -67,6 +67,8 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         remove = probs.cumsum(-1) - probs >= params.top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    if params.typical_p is not None and params.typical_p < 1.0:
+        logits = typical_filter(logits, params.typical_p)
     return logits
 
 
@@ -121,7 +123,9 @@ def choose_next(
     truncated = [
         i
         for i, p in enumerate(params)
-        if p.do_sample and (p.top_k is not None or (p.top_p is not None and p.top_p < 1.0))
+        if p.do_sample
+        and p.typical_p is None  # typical sampling takes the full path
+        and (p.top_k is not None or (p.top_p is not None and p.top_p < 1.0))
     ]
     picks: dict[int, int | None] = {}
     if truncated:
@@ -144,3 +148,43 @@ def choose_next(
         rows = list(sampled)
         chosen[rows] = torch.tensor([sampled[i] for i in rows], device=chosen.device)
     return chosen, logprobs.gather(1, chosen[:, None])[:, 0]
+
+
+# -- features of the TGI / OpenAI surfaces (kept apart from the core path above) ----------
+
+
+def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling (Meister et al.; transformers' TypicalLogitsWarper), one row."""
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    entropy = -(logp * p).nansum(-1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    sorted_scores, order = torch.sort(shifted)
+    cum = logits.gather(-1, order).softmax(-1).cumsum(-1)
+    last = int((cum < mass).sum().clamp(max=logits.shape[-1] - 1))
+    remove_sorted = sorted_scores > sorted_scores[last]
+    remove_sorted[0] = False  # always keep at least one token
+    remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_frequency_presence(
+    logits: torch.Tensor,
+    generated: Sequence[Sequence[int]],
+    frequency: Sequence[float | None],
+    presence: Sequence[float | None],
+) -> None:
+    """OpenAI's additive penalties on tokens the row has generated so far (in place)."""
+    for i, (ids, f, p) in enumerate(zip(generated, frequency, presence, strict=True)):
+        if not ids or not (f or p):
+            continue
+        toks, counts = torch.unique(torch.tensor(ids, dtype=torch.long), return_counts=True)
+        toks = toks.to(logits.device)
+        penalty = counts.to(logits.device, logits.dtype) * (f or 0.0) + (p or 0.0)
+        logits[i, toks] -= penalty
+
+
+def top_alternatives(logits: torch.Tensor, n: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The `n` most likely tokens per row and their log-probabilities."""
+    vals, idx = logits.float().log_softmax(-1).topk(n, dim=-1)
+    return idx.tolist(), vals.tolist()

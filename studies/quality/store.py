@@ -106,6 +106,7 @@ def champion_after(db: Any, rows: Sequence[Any]) -> tuple[int, Path, dict[str, A
 
 def round_summary(row: Any) -> dict[str, Any]:
     """The round's own numbers (dev gate, ε, selection, timings) from its metrics."""
+    from core import metric_names as mn
     from core.db import rounds as records
 
     flat: dict[str, float] = {}
@@ -113,7 +114,10 @@ def round_summary(row: Any) -> dict[str, Any]:
         for name, value in values.items():
             if not isinstance(value, list):
                 flat[f"{stage}.{name}"] = value
-    ev = {k.removeprefix("evaluate."): v for k, v in flat.items() if k.startswith("evaluate.")}
+
+    def at(stage: str, name: str) -> float | None:
+        return flat.get(f"{stage}.{name}")
+
     return {
         "round_id": row.id,
         "status": row.status,
@@ -122,14 +126,14 @@ def round_summary(row: Any) -> dict[str, Any]:
         "reason": row.reason,
         "error": row.error,
         # The ε the decision was about (the decide stage may step back from the meta-step's).
-        "epsilon": flat.get("decide.epsilon", flat.get("meta_step.epsilon_chosen")),
-        "champion_dev_ppl": ev.get("champion_dev_ppl"),
-        "candidate_dev_ppl": ev.get("candidate_dev_ppl"),
-        "champion_valid_ppl": ev.get("champion_valid_ppl"),
-        "candidate_valid_ppl": ev.get("candidate_valid_ppl"),
-        "round_test_ppl_champion": ev.get("champion_test_ppl"),
-        "round_test_ppl_candidate": ev.get("candidate_test_ppl"),
-        "improvement": flat.get("decide.improvement"),
-        "round_seconds": flat.get("round.seconds"),
+        "epsilon": at(mn.DECIDE, mn.EPSILON) or at(mn.META_STEP, mn.EPSILON_CHOSEN),
+        "champion_dev_ppl": at(mn.EVALUATE, mn.CHAMPION_DEV_PPL),
+        "candidate_dev_ppl": at(mn.EVALUATE, mn.CANDIDATE_DEV_PPL),
+        "champion_valid_ppl": at(mn.EVALUATE, mn.CHAMPION_VALID_PPL),
+        "candidate_valid_ppl": at(mn.EVALUATE, mn.CANDIDATE_VALID_PPL),
+        "round_test_ppl_champion": at(mn.EVALUATE, mn.CHAMPION_TEST_PPL),
+        "round_test_ppl_candidate": at(mn.EVALUATE, mn.CANDIDATE_TEST_PPL),
+        "improvement": at(mn.DECIDE, mn.IMPROVEMENT),
+        "round_seconds": at(mn.ROUND, mn.SECONDS),
         "round_metrics": flat,
     }

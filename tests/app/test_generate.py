@@ -364,3 +364,196 @@ def test_concurrent_requests_are_batched(client: Any) -> None:
     assert eng.requests - served == 8
     ran = eng.batches - batches
     assert 1 <= ran < 8, f"8 concurrent requests took {ran} batches: not batched"
+
+
+# --------------------------------------------------------------------------- TGI's full surface
+
+# What huggingface_hub's InferenceClient would send with every parameter left at its default.
+ALL_NULL = {
+    "adapter_id": None,
+    "best_of": None,
+    "decoder_input_details": False,
+    "details": None,
+    "do_sample": False,
+    "frequency_penalty": None,
+    "grammar": None,
+    "max_new_tokens": 5,
+    "repetition_penalty": None,
+    "return_full_text": None,
+    "seed": None,
+    "stop": None,
+    "temperature": None,
+    "top_k": None,
+    "top_n_tokens": None,
+    "top_p": None,
+    "truncate": None,
+    "typical_p": None,
+    "watermark": False,
+}
+
+
+def test_every_tgi_parameter_accepts_its_default(client: Any) -> None:
+    plain = ok(client, PROMPT, max_new_tokens=5)
+    for route in ("/generate", "/"):
+        body = {"inputs": PROMPT, "parameters": {**ALL_NULL, "details": False}}
+        r = client.post(route, json=body)
+        assert r.status_code == 200, (route, r.text)
+        assert r.json()["generated_text"] == plain["generated_text"]
+
+
+def test_root_route_streams_when_asked(client: Any) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6}, "stream": True}
+    r = client.post("/", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    blocks = [json.loads(b.removeprefix("data:")) for b in r.text.strip().split("\n\n")]
+    assert blocks[-1]["token"] is not None
+    assert blocks[-1]["generated_text"] == ok(client, PROMPT, max_new_tokens=6)["generated_text"]
+    # /generate itself takes no `stream` (TGI's /generate does not either).
+    assert client.post("/generate", json=body).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field"),
+    [
+        ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+        ({"watermark": True}, "watermark"),
+        ({"adapter_id": "lora-1"}, "adapter_id"),
+        ({"best_of": 2}, "best_of"),  # greedy
+        ({"best_of": 3, "do_sample": True}, "best_of"),  # over max_best_of (2)
+        ({"temperature": 1e-50}, "temperature"),
+        ({"repetition_penalty": 1e-320}, "repetition_penalty"),
+        ({"top_n_tokens": 6}, "top_n_tokens"),
+        ({"typical_p": 0}, "typical_p"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+    ],
+)
+def test_values_that_cannot_be_honored_are_named(
+    client: Any, parameters: dict[str, Any], field: str
+) -> None:
+    r = gen(client, PROMPT, max_new_tokens=2, **parameters)
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "validation" and field in r.json()["error"]
+
+
+def test_non_finite_numbers_are_422(client: Any) -> None:
+    for field in ("temperature", "top_p", "repetition_penalty", "typical_p"):
+        raw = json.dumps({"inputs": "hi", "parameters": {field: float("nan")}})  # bare NaN
+        r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and field in r.json()["error"], (field, r.text)
+
+
+def test_stream_refuses_what_it_cannot_stream(client: Any) -> None:
+    for parameters, field in (
+        ({"decoder_input_details": True}, "decoder_input_details"),
+        ({"best_of": 2, "do_sample": True}, "best_of"),
+    ):
+        r = client.post("/generate_stream", json={"inputs": PROMPT, "parameters": parameters})
+        assert r.status_code == 422 and field in r.json()["error"]
+
+
+def test_tokens_add_up_to_generated_text(client: Any) -> None:
+    for sampling in ({}, {"do_sample": True, "seed": 3}):
+        body = ok(client, "Once upon a time", max_new_tokens=20, details=True, **sampling)
+        tokens = body["details"]["tokens"]
+        assert body["details"]["generated_tokens"] == len(tokens)
+        text = "".join(t["text"] for t in tokens if not t["special"])
+        assert text == body["generated_text"]
+
+
+def test_top_n_tokens(client: Any) -> None:
+    body = ok(client, PROMPT, max_new_tokens=6, details=True, top_n_tokens=3)
+    tokens, tops = body["details"]["tokens"], body["details"]["top_tokens"]
+    assert len(tops) == len(tokens)
+    for tok, top in zip(tokens, tops, strict=True):
+        assert len(top) == 3
+        lps = [t["logprob"] for t in top]
+        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+        assert top[0]["id"] == tok["id"]  # greedy picks the most likely token
+        assert abs(top[0]["logprob"] - tok["logprob"]) < 1e-4
+    assert "top_tokens" not in ok(client, PROMPT, max_new_tokens=2, details=True)["details"]
+
+
+def test_decoder_input_details_gives_prompt_logprobs(client: Any) -> None:
+    body = ok(client, PROMPT, max_new_tokens=2, details=True, decoder_input_details=True)
+    prefill = body["details"]["prefill"]
+    ids = [t["id"] for t in client.post("/tokenize", json={"inputs": PROMPT}).json()]
+    assert [t["id"] for t in prefill] == ids
+    assert prefill[0]["logprob"] is None
+    assert all(t["logprob"] <= 0 for t in prefill[1:])
+    assert "".join(t["text"] for t in prefill) == PROMPT
+    assert ok(client, PROMPT, max_new_tokens=2, details=True)["details"]["prefill"] == []
+
+
+def test_tokenize_offsets(client: Any) -> None:
+    r = client.post("/tokenize", json={"inputs": PROMPT})
+    assert r.status_code == 200
+    toks = r.json()
+    assert toks and all(PROMPT[t["start"] : t["stop"]] == t["text"] for t in toks)
+    assert "".join(t["text"] for t in toks) == PROMPT
+
+
+def test_typical_p_samples_reproducibly(client: Any) -> None:
+    a = ok(client, PROMPT, max_new_tokens=8, typical_p=0.5, seed=11)
+    b = ok(client, PROMPT, max_new_tokens=8, typical_p=0.5, seed=11)
+    assert a["generated_text"] == b["generated_text"]
+
+
+def test_frequency_penalty_reduces_repetition(client: Any) -> None:
+    # The tiny random model repeats itself when greedy; the penalty must break that.
+    plain = ok(client, "The quick brown fox", max_new_tokens=16, details=True)
+    pen = ok(client, "The quick brown fox", max_new_tokens=16, details=True, frequency_penalty=2.0)
+    distinct = [len({t["id"] for t in b["details"]["tokens"]}) for b in (plain, pen)]
+    assert distinct[1] > distinct[0]
+
+
+def test_best_of_returns_the_most_likely_sample(client: Any) -> None:
+    body = ok(client, PROMPT, max_new_tokens=6, details=True, best_of=2, do_sample=True, seed=5)
+    others = body["details"]["best_of_sequences"]
+    assert len(others) == 1
+    best = sum(t["logprob"] for t in body["details"]["tokens"])
+    assert best >= sum(t["logprob"] for t in others[0]["tokens"])
+    again = ok(client, PROMPT, max_new_tokens=6, details=True, best_of=2, do_sample=True, seed=5)
+    assert again["generated_text"] == body["generated_text"]
+
+
+def test_eos_is_reported_as_tgi_reports_it(tmp_path: Any, make_tiny_settings: Any) -> None:
+    """A model that always says EOS: the EOS token is in details.tokens (special, counted in
+    generated_tokens, absent from generated_text) and is the stream's last token event."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    import torch
+
+    from app.engine.interface import GenerationResult, ModelInfo
+    from app.engine.torch_engine import LoadedModel, TorchEngine
+    from core.modeling.loader import tiny_model
+    from core.modeling.params import SamplingParams
+
+    base = tiny_model("llama")
+    model, tok = base.model, base.tokenizer
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 50.0
+    model.lm_head = head
+    model.eval()
+    eng = TorchEngine(make_tiny_settings(tmp_path))
+    info = ModelInfo(1, "eos", "float32", "cpu", 512, datetime.now(UTC), 0)
+    eng.swap(LoadedModel(model=model, tokenizer=tok, info=info))
+    try:
+        params = SamplingParams(max_new_tokens=5)
+        result = asyncio.run(eng.generate("Hello", params, details=True))
+        assert result.finish_reason == "eos_token" and result.text == ""
+        assert result.generated_tokens == 1
+        [eos] = result.tokens
+        assert eos.id == tok.eos_token_id and eos.special and eos.text == tok.eos_token
+
+        async def collect() -> list[Any]:
+            return [item async for item in eng.stream("Hello", params)]
+
+        items = asyncio.run(collect())
+        assert isinstance(items[-1], GenerationResult)
+        assert [t.id for t in items[:-1]] == [tok.eos_token_id] and items[0].special
+    finally:
+        eng.close()

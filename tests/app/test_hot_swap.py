@@ -18,12 +18,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from core import registry
 from core.db.models import Checkpoint
 from core.db.session import Database, upgrade
 from core.modeling.loader import tiny_model
-from core.registry import ensure_base_checkpoint, promote
+from core.registry import ensure_base_checkpoint, set_champion
 from core.settings import Settings
-from core.store import write_checkpoint
 
 REDIS = os.environ.get("SELFLM_TEST_REDIS_URL", "redis://127.0.0.1:6379") + "/12"
 
@@ -83,25 +83,16 @@ def cluster(
     # Versions 2 and 3: differently seeded tiny models, recorded as candidates.
     for version in (2, 3):
         base = tiny_model("llama", seed=version)
-        stored = write_checkpoint(
-            base.model,
-            base.tokenizer,
+        ref = registry.publish(
+            db,
             settings.checkpoint_dir,
             "default",
-            version,
+            base.model,
+            base.tokenizer,
+            parent_version=version - 1,
             source=f"test seed {version}",
         )
-        with db.session() as s:
-            s.add(
-                Checkpoint(
-                    lineage="default",
-                    version=version,
-                    parent_version=version - 1,
-                    path=str(stored.path),
-                    manifest=stored.manifest,
-                    status="candidate",
-                )
-            )
+        assert ref.version == version
     env = dict(os.environ)
     env.update(
         SELFLM_DATABASE_URL=settings.database_url,
@@ -227,7 +218,7 @@ def test_corrupted_checkpoint_is_refused(cluster: dict[str, Any]) -> None:
     assert r.status_code == 409 and "verification" in r.json()["error"]
     # A corrupt champion reached behind the API's back is refused by every replica.
     with db.session() as s:
-        promote(s, "default", 3)
+        set_champion(s, "default", 3)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         h = httpx.get(a.url + "/health").json()
@@ -256,7 +247,7 @@ def test_replicas_catch_up_by_polling_without_redis(cluster: dict[str, Any]) -> 
         before = serving(c)
         target = 2 if before != 2 else 1
         with db.session() as s:
-            promote(s, "default", target)  # no announcement at all
+            set_champion(s, "default", target)  # no announcement at all
         t_c = wait_version(c, target, timeout=30)
         t_d = wait_version(d, target, timeout=30)
         print(f"\npolling replicas caught up in {t_c:.1f}s and {t_d:.1f}s")
@@ -271,3 +262,29 @@ def test_promote_unknown_version_is_404(cluster: dict[str, Any]) -> None:
     assert r.status_code == 404 and r.json()["error_type"] == "not_found"
     listing = httpx.get(cluster["a"].url + "/checkpoints").json()
     assert {c["version"] for c in listing["items"]} >= {1, 2, 3}
+
+
+def test_concurrent_promotes_never_fail(cluster: dict[str, Any]) -> None:
+    """20 promotions at once through both replicas: each is answered 200 (or 409 if it lost
+    the lineage lock for good), never 500, and the lineage ends with exactly one champion,
+    which both replicas then serve."""
+    a, b, db = cluster["a"], cluster["b"], cluster["db"]
+    barrier = threading.Barrier(20)
+    codes: list[int] = []
+
+    def go(i: int) -> None:
+        barrier.wait()
+        codes.append(promote_http(a if i % 2 else b, 1 + i % 2).status_code)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(codes) == 20 and set(codes) <= {200, 409}, codes
+    assert codes.count(200) >= 1
+    with db.session() as s:
+        champs = s.scalars(sa.select(Checkpoint).where(Checkpoint.status == "champion")).all()
+    assert len(champs) == 1 and champs[0].version in (1, 2)
+    wait_version(a, champs[0].version)
+    wait_version(b, champs[0].version)

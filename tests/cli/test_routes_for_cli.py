@@ -56,7 +56,7 @@ def test_checkpoint_files_are_the_manifest_s_files(client: Any) -> None:
 def test_checkpoint_files_need_the_key_when_keys_are_set(keyed: TestClient) -> None:
     assert keyed.get("/checkpoints/1/files").status_code == 401
     bad = {"authorization": "Bearer nope"}
-    assert keyed.get("/checkpoints/1/files/config.json", headers=bad).status_code == 403
+    assert keyed.get("/checkpoints/1/files/config.json", headers=bad).status_code == 401
     ok = {"authorization": "Bearer sesame"}
     assert keyed.get("/checkpoints/1/files", headers=ok).status_code == 200
     assert keyed.get("/dashboard").status_code == 200  # the page itself is public

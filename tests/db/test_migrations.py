@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Base, Checkpoint, RoundMetric, UpdateRound
 from core.db.session import Database, downgrade, make_engine, upgrade
-from core.registry import get_champion, promote
+from core.registry import get_champion, set_champion
 
 # Written out from DESIGN.md's "Data" section, not derived from the ORM, so a column dropped
 # from both the models and the migration is still caught.
@@ -209,7 +209,7 @@ def test_promote_retires_old_champion(migrated: Database) -> None:
         s.add(_checkpoint("other", 1, "champion"))
 
     with migrated.session() as s:
-        promoted = promote(s, "default", 2)
+        promoted = set_champion(s, "default", 2)
         assert promoted.version == 2
 
     with migrated.session() as s:
@@ -224,13 +224,13 @@ def test_promote_retires_old_champion(migrated: Database) -> None:
 
     # Roll back to v1 the same way.
     with migrated.session() as s:
-        promote(s, "default", 1)
+        set_champion(s, "default", 1)
     with migrated.session() as s:
         champ = get_champion(s, "default")
         assert champ is not None and champ.version == 1
 
     with pytest.raises(LookupError), migrated.session() as s:
-        promote(s, "default", 99)
+        set_champion(s, "default", 99)
 
 
 def test_version_unique_and_status_checked(migrated: Database) -> None:

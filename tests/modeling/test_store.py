@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -19,11 +18,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
+from sqlalchemy.exc import IntegrityError
 
+from core import registry
+from core.db.models import Checkpoint
 from core.db.session import Database, upgrade
 from core.modeling import loader
-from core.registry import ensure_base_checkpoint, get_champion
+from core.registry import CheckpointRef, ensure_base_checkpoint, get_champion
 from core.settings import Settings
 from core.store import (
     MANIFEST,
@@ -31,7 +34,6 @@ from core.store import (
     checkpoint_path,
     read_manifest,
     verify_checkpoint,
-    write_checkpoint,
 )
 
 # --------------------------------------------------------------------------- sources
@@ -208,10 +210,9 @@ def test_hf_directory_becomes_version_1(
     # The stored weights are the source's weights.
     eng = _engine(settings)
     try:
-        with db.session() as s:
-            row = get_champion(s, "default")
-            assert row is not None
-            loaded = eng.load(row.version, row.path, row.manifest)
+        ref = registry.champion(db, "default")
+        assert ref is not None
+        loaded = eng.load(ref)
         assert loaded.info.version == 1 and loaded.info.max_context == 512
         src = tiny_base.model.state_dict()
         for name, tensor in loaded.model.state_dict().items():
@@ -231,10 +232,9 @@ def test_gguf_file_becomes_version_1(
 
     eng = _engine(settings)
     try:
-        with db.session() as s:
-            row = get_champion(s, "default")
-            assert row is not None
-            loaded = eng.load(row.version, row.path, row.manifest)
+        ref = registry.champion(db, "default")
+        assert ref is not None
+        loaded = eng.load(ref)
         cfg = loaded.model.config
         assert (cfg.hidden_size, cfg.num_hidden_layers) == (64, 2)
         assert loaded.info.max_context == GGUF_DIMS["context"]
@@ -267,7 +267,7 @@ def test_second_start_reuses_version_1(
     started = time.monotonic()
     again = ensure_base_checkpoint(settings, db)
     assert time.monotonic() - started < 2.0
-    assert (again.id, again.version, again.path) == (first.id, 1, first.path)
+    assert again == first and again.version == 1
     assert again.manifest == first.manifest
 
     # A fresh database over the same store (say, the DB was recreated): the files on disk
@@ -295,11 +295,33 @@ def test_store_holding_another_model_is_refused(
 
 
 @pytest.fixture
-def stored(tmp_path: Path, tiny_base: loader.LoadedBase) -> tuple[Path, dict[str, Any]]:
-    ck = write_checkpoint(
-        tiny_base.model, tiny_base.tokenizer, tmp_path / "store", "default", 1, source="tiny:llama"
+def store_db(tmp_path: Path) -> Iterator[Database]:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    db = Database(url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def stored(
+    tmp_path: Path, tiny_base: loader.LoadedBase, store_db: Database
+) -> tuple[Path, dict[str, Any]]:
+    ck = registry.publish(
+        store_db,
+        tmp_path / "store",
+        "default",
+        tiny_base.model,
+        tiny_base.tokenizer,
+        parent_version=None,
+        source="tiny:llama",
     )
+    assert ck.version == 1
     return ck.path, ck.manifest
+
+
+def _ref(path: Path, manifest: dict[str, Any]) -> CheckpointRef:
+    return CheckpointRef(lineage="default", version=1, path=path, manifest=manifest)
 
 
 def _flip_byte(path: Path) -> None:
@@ -324,7 +346,7 @@ def test_flipped_byte_is_detected(
     eng = _engine(make_tiny_settings(tmp_path))
     try:
         with pytest.raises(CheckpointError):
-            eng.load(1, str(path), manifest)
+            eng.load(_ref(path, manifest))
         assert eng.info() is None  # nothing was swapped in
     finally:
         eng.close()
@@ -372,7 +394,7 @@ def test_missing_file_is_detected(
     eng = _engine(make_tiny_settings(tmp_path))
     try:
         with pytest.raises(CheckpointError, match=re.escape(victim)):
-            eng.load(1, str(path), manifest)
+            eng.load(_ref(path, manifest))
     finally:
         eng.close()
 
@@ -413,35 +435,77 @@ def _leftovers(lineage_dir: Path) -> list[str]:
     return sorted(p.name for p in lineage_dir.iterdir())
 
 
+def _rows(db: Database) -> list[tuple[int, str]]:
+    with db.session() as s:
+        return sorted((c.version, c.status) for c in s.scalars(sa.select(Checkpoint)).all())
+
+
+def _publish(db: Database, root: Path, model: Any, tok: Any, **kw: Any) -> CheckpointRef:
+    kw.setdefault("parent_version", 1)
+    kw.setdefault("source", "test")
+    return registry.publish(db, root, "default", model, tok, **kw)
+
+
 def test_failed_write_leaves_no_partial_checkpoint(
-    stored: tuple[Path, dict[str, Any]], tiny_base: loader.LoadedBase
+    stored: tuple[Path, dict[str, Any]], tiny_base: loader.LoadedBase, store_db: Database
 ) -> None:
     path, manifest = stored
     root, lineage_dir = path.parent.parent, path.parent
     before = _mtimes(path)
+    model, tok = tiny_base.model, tiny_base.tokenizer
 
     with pytest.raises(OSError, match="No space"):
-        write_checkpoint(ExplodingModel(), tiny_base.tokenizer, root, "default", 2)
-    assert not (lineage_dir / "v000002").exists()
-    assert _leftovers(lineage_dir) == ["v000001"], "a temp dir was left behind"
+        _publish(store_db, root, ExplodingModel(), tok)
+    assert _leftovers(lineage_dir) == ["v000001"], "a staging dir was left behind"
 
     with pytest.raises(RuntimeError, match="tokenizer"):
-        write_checkpoint(tiny_base.model, ExplodingTokenizer(), root, "default", 2)
+        _publish(store_db, root, model, ExplodingTokenizer())
     assert _leftovers(lineage_dir) == ["v000001"]
 
     # The existing version is never overwritten, and is untouched by all of the above.
     with pytest.raises(FileExistsError):
-        write_checkpoint(tiny_base.model, tiny_base.tokenizer, root, "default", 1)
+        _publish(store_db, root, model, tok, version=1)
+    assert _leftovers(lineage_dir) == ["v000001"]
     assert _mtimes(path) == before
     assert verify_checkpoint(path, manifest) == manifest
+    assert _rows(store_db) == [(1, "candidate")]
 
     # And a good write still works afterwards.
-    ck = write_checkpoint(
-        tiny_base.model, tiny_base.tokenizer, root, "default", 2, parent_version=1
-    )
-    assert ck.path == lineage_dir / "v000002"
+    ck = _publish(store_db, root, model, tok)
+    assert ck.path == lineage_dir / "v000002" and ck.version == 2
     assert ck.manifest["version"] == 2 and ck.manifest["parent_version"] == 1
     assert verify_checkpoint(ck.path) == ck.manifest
     assert _leftovers(lineage_dir) == ["v000001", "v000002"]
-    assert all(not n.startswith(".") for n in os.listdir(lineage_dir))
-    shutil.rmtree(ck.path)
+    assert _rows(store_db) == [(1, "candidate"), (2, "candidate")]
+
+
+def test_leftover_directory_is_numbered_past(
+    stored: tuple[Path, dict[str, Any]], tiny_base: loader.LoadedBase, store_db: Database
+) -> None:
+    """A crash between rename and insert (an older release, kill -9) leaves a version
+    directory with no row: the next publish takes the next number instead of failing."""
+    path, _ = stored
+    root, lineage_dir = path.parent.parent, path.parent
+    orphan = lineage_dir / "v000002"
+    shutil.copytree(path, orphan)
+    ck = _publish(store_db, root, tiny_base.model, tiny_base.tokenizer)
+    assert ck.version == 3 and ck.path == lineage_dir / "v000003"
+    assert _rows(store_db) == [(1, "candidate"), (3, "candidate")]
+    assert _leftovers(lineage_dir) == ["v000001", "v000002", "v000003"]
+
+
+def test_row_that_cannot_be_recorded_takes_its_directory_back(
+    stored: tuple[Path, dict[str, Any]], tiny_base: loader.LoadedBase, store_db: Database
+) -> None:
+    """The files are written, then the insert fails (here: a second champion, which the
+    database's partial unique index refuses): no directory may stay behind."""
+    path, _ = stored
+    root, lineage_dir = path.parent.parent, path.parent
+    with store_db.session() as s:
+        registry.set_champion(s, "default", 1)
+    with pytest.raises(IntegrityError):
+        _publish(store_db, root, tiny_base.model, tiny_base.tokenizer, status="champion")
+    assert _leftovers(lineage_dir) == ["v000001"]
+    assert _rows(store_db) == [(1, "champion")]
+    # The next publish is v2 as if nothing had happened.
+    assert _publish(store_db, root, tiny_base.model, tiny_base.tokenizer).version == 2

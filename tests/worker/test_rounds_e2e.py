@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -24,6 +25,8 @@ from core.settings import Settings
 from worker.rounds.pipeline import run_round
 
 REDIS = os.environ.get("SELFLM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# Progress writes from the worker: often enough that a short update stage shows several.
+PROGRESS_INTERVAL_S = 0.05
 
 # Small but real: every stage runs, in seconds, on the tiny model.
 SMALL: dict[str, Any] = {
@@ -75,6 +78,7 @@ def env(
         SELFLM_REDIS_URL=broker,
         SELFLM_CHECKPOINT_DIR=settings.checkpoint_dir,
         SELFLM_BASE_MODEL="tiny:llama",
+        SELFLM_PROGRESS_INTERVAL_S=str(PROGRESS_INTERVAL_S),
     )
     log = (tmp / "worker.log").open("w")
     with TestClient(create_app(settings)) as client:
@@ -156,7 +160,7 @@ def test_round_runs_every_stage_and_is_promoted_when_better(env: dict[str, Any])
         assert old.status == "retired"
     assert Path(row.path, "manifest.json").is_file()
 
-    report = env["client"].get("/metrics").json()
+    report = env["client"].get("/metrics", headers={"accept": "application/json"}).json()
     assert report["champion_version"] == new
     assert [c["version"] for c in report["checkpoints"]][-1] == new
     mine = next(r for r in report["rounds"] if r["id"] == rid)
@@ -239,3 +243,55 @@ def test_bad_round_parameters_are_rejected(env: dict[str, Any]) -> None:
     assert listing["limit"] == 2 and len(listing["items"]) <= 2
     ids = [i["id"] for i in listing["items"]]
     assert ids == sorted(ids, reverse=True)
+
+
+# Enough optimizer steps that `update` spans several of the worker's progress writes (every
+# PROGRESS_INTERVAL_S here): batch size 1 over real replay text (many windows), 3 epochs.
+LONG_UPDATE = {
+    **SMALL,
+    "filters": False,
+    "train_size": 8,
+    "valid_size": 2,
+    "replay_fraction": 0.8,
+    "batch_size": 1,
+    "epochs": 3,
+    "promotion_margin": 0.9,  # rejected: this test is about progress, not the decision
+}
+
+
+def test_progress_moves_inside_the_update_stage(env: dict[str, Any]) -> None:
+    client: TestClient = env["client"]
+    rid = start(env, LONG_UPDATE)
+    polls: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        body = client.get(f"/update-rounds/{rid}").json()
+        polls.append(body)
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert polls[-1]["status"] == "succeeded", polls[-1]["error"]
+
+    # Overall progress never moves backwards, from the first poll to the last.
+    overall = [b["progress"] for b in polls]
+    assert overall == sorted(overall) and overall[-1] == 1.0
+
+    # Inside `update`: the stage's own progress strictly increases from write to write,
+    # counting optimizer steps of the planned total, with the running loss.
+    inside = [b for b in polls if b["stage"] == "update" and 0 < b["stage_progress"] < 1]
+    steps: list[float] = []
+    for b in inside:
+        if not steps or b["stage_progress"] != steps[-1]:
+            steps.append(b["stage_progress"])
+    assert len(steps) >= 2, [(b["stage"], b["stage_progress"]) for b in polls]
+    assert all(a < b for a, b in itertools.pairwise(steps)), steps
+    for b in inside:
+        d = b["progress_detail"]
+        assert d["unit"] == "steps" and 0 < d["done"] < d["total"], d
+        assert d["loss"] > 0 and b["stage_progress"] == pytest.approx(d["done"] / d["total"])
+        # The overall bar sits inside update's slice and has an estimate of what is left.
+        assert 0.30 < b["progress"] < 0.60 and b["eta_s"] is not None and b["eta_s"] >= 0
+    # Other stages report in their own units.
+    units = {(b["stage"], (b["progress_detail"] or {}).get("unit")) for b in polls}
+    assert ("update", "steps") in units
+    assert polls[-1]["eta_s"] is None and polls[-1]["stage"] == "done"

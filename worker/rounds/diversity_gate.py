@@ -27,12 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
 
-from core.db.models import Checkpoint
+from core import registry
 from core.db.session import Database
-from core.modeling.loader import load_checkpoint
-from core.store import verify_checkpoint
 from worker.rounds.data import prompts_from
 from worker.rounds.decide import Decision, DiversityCheck, decide
 from worker.rounds.generate import generate_samples
@@ -78,7 +75,9 @@ class Probe:
         body = [list(self.prompts), self.max_new_tokens, self.temperature, self.top_p, SAMPLE_SEED]
         return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
 
-    def run(self, model: Any, tokenizer: Any) -> DiversityStats:
+    def run(
+        self, model: Any, tokenizer: Any, on_token: Callable[[int, int], None] | None = None
+    ) -> DiversityStats:
         gen = generate_samples(
             model,
             tokenizer,
@@ -89,6 +88,7 @@ class Probe:
             self.top_p,
             SAMPLE_SEED,
             self.batch_size,
+            on_token,
         )
         return diversity([s.text for s in gen.samples])
 
@@ -136,36 +136,20 @@ class DiversityCache:
             raise
 
     def measure(
-        self, model: Any, tokenizer: Any, manifest: dict[str, Any], probe: Probe
+        self,
+        model: Any,
+        tokenizer: Any,
+        manifest: dict[str, Any],
+        probe: Probe,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> DiversityStats:
         """The cached numbers for this checkpoint, or measure and cache them."""
         cached = self.get(manifest, probe)
         if cached is not None:
             return cached
-        stats = probe.run(model, tokenizer)
+        stats = probe.run(model, tokenizer, on_token)
         self.put(manifest, probe, stats)
         return stats
-
-
-@dataclass(frozen=True)
-class RootCheckpoint:
-    version: int
-    path: str
-    manifest: dict[str, Any]
-
-
-def lineage_root(db: Database, lineage: str) -> RootCheckpoint | None:
-    """The lineage's first version: the base every later version descends from."""
-    with db.session() as s:
-        row = s.scalars(
-            select(Checkpoint)
-            .where(Checkpoint.lineage == lineage)
-            .order_by(Checkpoint.version)
-            .limit(1)
-        ).one_or_none()
-        if row is None:
-            return None
-        return RootCheckpoint(row.version, row.path, dict(row.manifest))
 
 
 def check_diversity(
@@ -176,30 +160,30 @@ def check_diversity(
     models: tuple[Any, Any, Any],
     parent_manifest: dict[str, Any],
     tolerances: tuple[float, float],
+    on_token: Callable[[int, int], None] | None = None,
 ) -> DiversityCheck:
     """Parent, lineage base and candidate on one fixed probe; parent and base from the cache
     when measured before. ``models`` is (parent, candidate, tokenizer); ``tolerances`` is
-    (absolute vs the parent, relative vs the base)."""
+    (absolute vs the parent, relative vs the base); ``on_token`` sees each probe's tokens."""
     model, candidate, tok = models
-    parent = cache.measure(model, tok, parent_manifest, probe)
+    parent = cache.measure(model, tok, parent_manifest, probe, on_token)
     base: DiversityStats | None = None
-    root = lineage_root(db, lineage)
+    root = registry.lineage_root(db, lineage)
     if root is not None and weights_key(root.manifest) == weights_key(parent_manifest):
         base = parent
     elif root is not None:
         base = cache.get(root.manifest, probe)
         if base is None:
             try:
-                verify_checkpoint(Path(root.path), root.manifest)
-                loaded = load_checkpoint(Path(root.path), model.device, torch.float32)
+                loaded = registry.open(root, model.device, torch.float32)
             except Exception as e:  # the base's files are gone: check against the parent only
                 log.warning("lineage %s: base v%d unusable (%s)", lineage, root.version, e)
             else:
-                base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe)
+                base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe, on_token)
                 del loaded
     return DiversityCheck(
         parent=parent,
-        candidate=probe.run(candidate, tok),
+        candidate=probe.run(candidate, tok, on_token),
         tolerance=tolerances[0],
         base=base,
         base_tolerance=tolerances[1],

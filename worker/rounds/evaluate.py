@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,8 +156,11 @@ def score_sequences(
     pad_id: int,
     batch_size: int = 8,
     max_length: int = 256,
+    on_batch: Callable[[float], None] | None = None,
 ) -> tuple[list[float], list[int]]:
     """Summed NLL and prediction count per sequence, in input order.
+
+    ``on_batch(fraction)`` is called after each batch with the fraction of windows scored.
 
     Runs in eval mode under ``torch.inference_mode()`` on the model's device and puts the
     model back into the train/eval mode it had, so a training loop can call it mid-run.
@@ -169,6 +172,7 @@ def score_sequences(
     counts = [0] * len(seqs)
     device = model_device(model)
     was_training = bool(model.training)
+    scored = 0
     model.eval()
     try:
         with torch.inference_mode():
@@ -181,6 +185,9 @@ def score_sequences(
                     source = windows[j][0]
                     nll[source] += value
                     counts[source] += int(count)
+                if on_batch is not None:
+                    scored += len(batch)
+                    on_batch(scored / len(windows))
     finally:
         model.train(was_training)
     return nll, counts
@@ -199,13 +206,17 @@ def perplexity(
     texts: TextsOrIds,
     batch_size: int = 8,
     max_length: int = 256,
+    on_batch: Callable[[float], None] | None = None,
 ) -> Perplexity:
     """Token-weighted perplexity of ``model`` on ``texts`` (strings or encoded id lists).
 
-    Raises ``ValueError`` when the texts hold no prediction at all.
+    Raises ``ValueError`` when the texts hold no prediction at all. ``on_batch``: see
+    :func:`score_sequences`.
     """
     seqs = encode_texts(tokenizer, texts)
-    nll, counts = score_sequences(model, seqs, pad_id_of(tokenizer), batch_size, max_length)
+    nll, counts = score_sequences(
+        model, seqs, pad_id_of(tokenizer), batch_size, max_length, on_batch
+    )
     tokens = sum(counts)
     if tokens == 0:
         raise ValueError("no tokens to score: every text is empty")
@@ -221,8 +232,11 @@ def per_sample_loss(
     texts: TextsOrIds,
     batch_size: int = 8,
     max_length: int = 256,
+    on_batch: Callable[[float], None] | None = None,
 ) -> list[float]:
     """Mean token NLL of each text, in input order; NaN for a text with no prediction."""
     seqs = encode_texts(tokenizer, texts)
-    nll, counts = score_sequences(model, seqs, pad_id_of(tokenizer), batch_size, max_length)
+    nll, counts = score_sequences(
+        model, seqs, pad_id_of(tokenizer), batch_size, max_length, on_batch
+    )
     return [v / c if c else math.nan for v, c in zip(nll, counts, strict=True)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +45,11 @@ def generate_samples(
     top_p: float,
     seed: int,
     batch_size: int = 16,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> GenerateResult:
     """K samples per prompt. Row i gets seed `seed + i`, so the round is reproducible
-    whatever the batch size."""
+    whatever the batch size. ``on_token(done, planned)`` is called as each token is chosen:
+    tokens generated so far of the planned ``rows × max_new_tokens``."""
     rows: list[tuple[str, Row]] = []
     for p_idx, prompt in enumerate(prompts):
         ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -62,6 +64,16 @@ def generate_samples(
                 seed=seed + p_idx * samples_per_prompt + k,
             )
             rows.append((prompt, Row(prompt_ids=ids, params=params)))
+    if on_token is not None:
+        planned = len(rows) * max_new_tokens
+        count = [0]
+
+        def tick(_tok: int, _lp: float) -> None:
+            count[0] += 1
+            on_token(count[0], planned)
+
+        for _, row in rows:
+            row.on_token = tick
     # Similar prompt lengths together waste less padding.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][1].prompt_ids))
     start = time.perf_counter()

@@ -1,65 +1,55 @@
-"""Promotion of a round's candidate: write it, record it and move the champion pointer."""
+"""Promotion of a round's candidate: publish it, then move the champion pointer."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from core import registry
 from core.db import rounds as records
-from core.db.models import Checkpoint
 from core.db.session import Database
-from core.notify import announce
-from core.registry import get_champion, next_version, promote
+from core.registry import CheckpointRef
 from core.settings import Settings
-from core.store import write_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def promote_candidate(
-    settings: Settings, db: Database, round_id: int, candidate: Any, tok: Any, parent: int
-) -> tuple[int, dict[str, Any]]:
-    """Write atomically, record, move the champion pointer in one transaction, announce.
+    settings: Settings,
+    db: Database,
+    round_id: int,
+    candidate: Any,
+    tok: Any,
+    parent: CheckpointRef,
+) -> CheckpointRef:
+    """Publish the candidate as the next version, then promote it if the round is still live
+    and `parent` is still the champion (both checked under the lineage lock, in the
+    transaction that moves the pointer and records the round's candidate).
 
-    Returns the new version and its manifest.
+    When the promotion is refused (cancelled, champion moved) the published version stays
+    recorded as a ``candidate``: its files are whole and it can be promoted by hand.
     """
+    if records.is_cancelled(db, round_id):  # before spending a write on it
+        raise records.RoundCancelled(f"round {round_id} was cancelled before promotion")
     lineage = settings.lineage
-    with db.session() as s:
-        version = next_version(s, lineage)
-    stored = write_checkpoint(
-        candidate,
-        tok,
+    ref = registry.publish(
+        db,
         settings.checkpoint_dir,
         lineage,
-        version,
+        candidate,
+        tok,
+        parent_version=parent.version,
         source=f"round {round_id}",
-        parent_version=parent,
+        produced_by_round=round_id,
     )
-    with db.session() as s:
-        if records.is_cancelled(db, round_id):
-            raise records.RoundCancelled(f"round {round_id} was cancelled before promotion")
-        current = get_champion(s, lineage)
-        if current is None or current.version != parent:
-            raise RuntimeError(
-                f"champion moved from v{parent} to "
-                f"v{current.version if current else None} during the round; not promoting"
-            )
-        s.add(
-            Checkpoint(
-                lineage=lineage,
-                version=version,
-                parent_version=parent,
-                path=str(stored.path),
-                manifest=stored.manifest,
-                status="candidate",
-                source=f"round {round_id}",
-                produced_by_round=round_id,
-            )
-        )
-        s.flush()
-        promote(s, lineage, version)
-        # The round records its candidate in the same transaction as the promotion.
-        s.execute(records.update_stmt(round_id, candidate_version=version))
-    announce(settings.redis_url, lineage, version)
-    log.info("round %d promoted v%d (parent v%d)", round_id, version, parent)
-    return version, stored.manifest
+    promoted = registry.promote(
+        db,
+        lineage,
+        ref.version,
+        redis_url=settings.redis_url,
+        verify=False,  # publish hashed these very files a moment ago
+        expect_champion=parent.version,
+        round_id=round_id,
+    )
+    log.info("round %d promoted v%d (parent v%d)", round_id, promoted.version, parent.version)
+    return promoted

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -159,6 +160,10 @@ def _batches(
         yield [[windows[j] for j in buckets[b]] for b in order]
 
 
+def _running_loss(nll: torch.Tensor, tokens: int) -> float:
+    return float(nll) / tokens
+
+
 def _mean(nll: Sequence[float], counts: Sequence[int]) -> float | None:
     tokens = sum(counts)
     return math.fsum(nll) / tokens if tokens else None
@@ -171,8 +176,13 @@ def finetune(
     valid: TextsOrIds,
     cfg: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    on_step: Callable[[int, int, Callable[[], float]], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place; return per-epoch statistics.
+
+    ``on_step(step, planned_steps, running_loss)`` is called after every optimizer step;
+    ``running_loss()`` is the epoch's token-weighted train loss so far (it syncs with the
+    device, so call it only when the number is wanted).
 
     After each epoch the token-weighted valid loss is computed; the best state is kept on
     the CPU, training stops once valid loss has not improved for ``cfg.patience`` epochs,
@@ -227,6 +237,7 @@ def finetune(
     tokens_trained = 0
     train_seconds = 0.0
     started = time.perf_counter()
+    step = 0
 
     for epoch, batches in enumerate(_batches(train_windows, cfg.batch_size, rng, cfg.epochs), 1):
         epoch_start = time.perf_counter()
@@ -250,6 +261,9 @@ def finetune(
             scheduler.step()
             epoch_nll_t += row_nll.detach().double().sum()
             epoch_tokens += count
+            step += 1
+            if on_step is not None:
+                on_step(step, total_steps, partial(_running_loss, epoch_nll_t, epoch_tokens))
         epoch_nll = float(epoch_nll_t)
         tokens_trained += epoch_tokens
         train_seconds += time.perf_counter() - epoch_start

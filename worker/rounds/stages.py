@@ -1,0 +1,291 @@
+"""The first half of a round as stage functions: prepare, generate, select, update.
+
+Each stage takes typed inputs and returns a frozen result that knows its own metrics
+(``.metrics()``, names from :mod:`core.metric_names`); ``tick`` reports progress inside the
+stage (see :mod:`worker.rounds.progress`). The algorithms live in their own modules
+(:mod:`.generate`, :mod:`.select`, :mod:`.update` …); these functions only wire a round's
+parameters into them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import metric_names as mn
+from core import registry
+from core.db import rounds as records
+from core.db.session import Database
+from core.modeling.device import pick_device
+from core.registry import CheckpointRef
+from core.round_params import RoundParams
+from worker.rounds.data import SPLIT_SEED, Corpus, eval_sample, load_corpus, passages, prompts_from
+from worker.rounds.evaluate import encode_texts, per_sample_loss
+from worker.rounds.generate import GenerateResult, generate_samples
+from worker.rounds.metastep import state_copy
+from worker.rounds.progress import Tick
+from worker.rounds.select import FilterConfig, Sample, dedup, filter_degenerate, split_train_valid
+from worker.rounds.select import select as pick
+from worker.rounds.update import EpochStats, TrainConfig, TrainResult, finetune, replay_ids
+
+log = logging.getLogger(__name__)
+
+Ids = list[list[int]]
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The champion loaded in float32 (training autocasts where that is fast), the corpus,
+    and the held-out sets tokenised once: every perplexity of the round scores these ids."""
+
+    champion: CheckpointRef
+    model: Any
+    tokenizer: Any
+    corpus: Corpus
+    dev: Ids
+    test: Ids
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            mn.TRAIN_DOCS: len(self.corpus.train),
+            mn.DEV_DOCS: len(self.corpus.dev),
+            mn.TEST_DOCS: len(self.corpus.test),
+            mn.DEV_PASSAGES: len(self.dev),
+            mn.TEST_PASSAGES: len(self.test),
+        }
+
+
+def prepare(champion: CheckpointRef, device: str, p: RoundParams) -> Prepared:
+    loaded = registry.open(champion, pick_device(device), torch.float32)
+    tok = loaded.tokenizer
+    corpus = load_corpus(p.corpus, seed=SPLIT_SEED)
+    return Prepared(
+        champion=champion,
+        model=loaded.model,
+        tokenizer=tok,
+        corpus=corpus,
+        dev=encode_texts(tok, eval_sample(corpus.dev, p.eval_passages)),
+        test=encode_texts(tok, eval_sample(corpus.test, p.eval_passages)),
+    )
+
+
+def round_prompts(
+    db: Database, lineage: str, p: RoundParams, corpus: Corpus, rng: random.Random
+) -> list[str]:
+    """The prompts the round samples from: given, from a file, served, or the corpus."""
+    if p.prompts:
+        return [x for x in p.prompts if x.strip()]
+    if p.prompt_source == "file":
+        assert p.prompt_file is not None
+        lines = [x.strip() for x in Path(p.prompt_file).read_text().splitlines()]
+        return [x for x in lines if x][: p.num_prompts]
+    if p.prompt_source == "served":
+        served = records.served_prompts(db, lineage, p.num_prompts)
+        if served:
+            return served
+        log.info("no served prompts recorded; using the corpus")
+    return prompts_from(corpus.train, p.num_prompts, rng)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompts: int
+    result: GenerateResult
+    seed: int
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            mn.PROMPTS: self.prompts,
+            mn.GENERATED: len(self.result.samples),
+            mn.TOKENS: self.result.tokens,
+            mn.TOKENS_PER_S: self.result.tokens_per_s,
+            mn.SEED: self.seed,
+        }
+
+
+def generate(model: Any, tok: Any, prompts: list[str], p: RoundParams, tick: Tick) -> Generation:
+    """K samples per prompt from the champion; progress in tokens of the planned total."""
+    result = generate_samples(
+        model,
+        tok,
+        prompts,
+        p.samples_per_prompt,
+        p.max_new_tokens,
+        p.temperature,
+        p.top_p,
+        p.seed,
+        p.generate_batch_size,
+        on_token=lambda done, planned: tick(done, planned, "tokens"),
+    )
+    return Generation(prompts=len(prompts), result=result, seed=p.seed)
+
+
+# --------------------------------------------------------------------------- select
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The training and validation ids, as generated (BOS + prompt + continuation)."""
+
+    generated: int
+    filtered_degenerate: int
+    dedup_exact: int
+    dedup_near: int
+    train: Ids
+    valid: Ids
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            mn.GENERATED: self.generated,
+            mn.FILTERED_DEGENERATE: self.filtered_degenerate,
+            mn.DEDUP_EXACT: self.dedup_exact,
+            mn.DEDUP_NEAR: self.dedup_near,
+            mn.SELECTED: len(self.train) + len(self.valid),
+            mn.TRAIN: len(self.train),
+            mn.VALID: len(self.valid),
+        }
+
+
+def select(
+    model: Any, tok: Any, gen: Generation, p: RoundParams, rng: random.Random, tick: Tick
+) -> Selection:
+    """Filter, deduplicate, score (difficulty strategy) and pick; split train/valid."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    samples = [
+        Sample(text=g.text, prompt=g.prompt, token_ids=tuple(bos + g.prompt_ids + g.ids))
+        for g in gen.result.samples
+    ]
+    n_filtered = n_exact = n_near = 0
+    if p.filters:
+        cfg = FilterConfig(
+            min_words=p.min_words,
+            max_repetition=p.max_repetition,
+            dedup_threshold=p.dedup_threshold,
+        )
+        samples, n_filtered = filter_degenerate(samples, cfg)
+        samples, n_exact, n_near = dedup(samples, cfg)
+    if p.strategy == "difficulty" and samples:
+        n = len(samples)
+        losses = per_sample_loss(
+            model,
+            tok,
+            [list(s.token_ids) for s in samples],
+            batch_size=p.batch_size,
+            max_length=p.max_length,
+            on_batch=lambda frac: tick(frac * n, n, "samples scored"),
+        )
+        samples = [
+            Sample(text=s.text, prompt=s.prompt, loss=lo, token_ids=s.token_ids)
+            for s, lo in zip(samples, losses, strict=True)
+        ]
+    chosen = pick(samples, p.train_size + p.valid_size, p.strategy, rng)
+    if len(chosen) < 2:
+        raise RuntimeError(f"only {len(chosen)} usable samples after selection")
+    train_s, valid_s = split_train_valid(chosen, p.valid_size / (p.train_size + p.valid_size), rng)
+    return Selection(
+        generated=len(gen.result.samples),
+        filtered_degenerate=n_filtered,
+        dedup_exact=n_exact,
+        dedup_near=n_near,
+        train=[list(s.token_ids) for s in train_s],
+        valid=[list(s.token_ids) for s in valid_s],
+    )
+
+
+# --------------------------------------------------------------------------- update
+
+
+@dataclass(frozen=True)
+class Update:
+    """The fine-tuned copy (the champion's model is left as it was) and its statistics."""
+
+    candidate: Any
+    base_state: dict[str, torch.Tensor]
+    train: TrainResult
+    replay_fraction: float
+    replay_texts: int
+    replay_tokens: int
+    synthetic_tokens: int
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.replay_fraction > 0:
+            out[mn.REPLAY_TOKENS] = self.replay_tokens
+            out[mn.SYNTHETIC_TOKENS] = self.synthetic_tokens
+            out[mn.REPLAY_TOKEN_FRACTION] = self.replay_tokens / max(
+                1, self.replay_tokens + self.synthetic_tokens
+            )
+        return out | {
+            mn.TOKENS_TRAINED: self.train.tokens_trained,
+            mn.TOKENS_PER_S: self.train.tokens_per_s,
+            mn.BEST_EPOCH: self.train.best_epoch,
+            mn.STOPPED_EARLY: float(self.train.stopped_early),
+            mn.REPLAY_TEXTS: self.replay_texts,
+        }
+
+
+def epoch_metrics(e: EpochStats) -> dict[str, float]:
+    """One epoch's numbers, recorded with ``step = epoch``."""
+    out = {mn.TRAIN_LOSS: e.train_loss, mn.TOKENS: float(e.tokens), mn.SECONDS: e.seconds}
+    if e.valid_loss is not None:
+        out[mn.VALID_LOSS] = e.valid_loss
+    return out
+
+
+def update(
+    model: Any,
+    tok: Any,
+    corpus: Corpus,
+    sel: Selection,
+    p: RoundParams,
+    rng: random.Random,
+    tick: Tick,
+    on_epoch: Callable[[EpochStats], None],
+) -> Update:
+    """Fine-tune a copy of the champion on the selection plus real replay text; progress in
+    optimizer steps of the planned total, with the epoch's running train loss."""
+    replay, got = replay_ids(
+        passages(corpus.train), tok, sel.train, p.replay_fraction, p.max_length, rng
+    )
+    base_state = state_copy(model)
+    candidate = copy.deepcopy(model)
+    cfg = TrainConfig(
+        learning_rate=p.learning_rate,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        max_length=p.max_length,
+        seed=p.seed,
+    )
+    result = finetune(
+        candidate,
+        tok,
+        sel.train + replay,
+        sel.valid,
+        cfg,
+        on_epoch,
+        on_step=lambda step, planned, loss: tick(
+            step, planned, "steps", lambda: {"loss": round(loss(), 4)}
+        ),
+    )
+    return Update(
+        candidate=candidate,
+        base_state=base_state,
+        train=result,
+        replay_fraction=p.replay_fraction,
+        replay_texts=len(replay),
+        replay_tokens=got,
+        synthetic_tokens=sum(len(x) for x in sel.train),
+    )
