@@ -19,9 +19,12 @@ from app.engine.interface import Engine
 from app.limits import RequestGuard
 from app.prometheus import ServingMetrics, StateCollector
 from app.routes import (
+    checkpoint_files,
     checkpoints,
+    dashboard,
     generate,
     health,
+    info,
     metrics,
     openai_chat,
     openai_completions,
@@ -150,6 +153,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(rounds.router, dependencies=[Depends(require_access("reads"))])
     app.include_router(metrics.router, dependencies=[Depends(require_access("metrics"))])
     app.include_router(checkpoints.router, dependencies=[Depends(require_access("reads"))])
+    app.include_router(checkpoint_files.router)  # weights: the admin key (its own dependency)
+    app.include_router(info.router, dependencies=[Depends(require_access("reads"))])
+    app.include_router(dashboard.router)  # the page is static; its data calls carry the key
     openapi.install(app)  # the real error responses in the document (app/openapi.py)
     _docs(app)
     return app

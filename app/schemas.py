@@ -40,3 +40,6 @@ class InfoResponse(BaseModel):
     max_batch_size: int
     lineage: str
     version: str
+    # The champion, and the served version with its ancestors (base first): /info/lineage has more.
+    champion_version: int | None = None
+    lineage_versions: list[int] = Field(default_factory=list)

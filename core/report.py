@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -39,6 +40,14 @@ def headline(metrics: list[RoundMetric]) -> dict[str, float]:
             key = m.name if m.stage in _UNPREFIXED else f"{m.stage}_{m.name}"
             out[key] = m.value
     return out
+
+
+def checkpoint_bytes(path: str, manifest: dict[str, Any]) -> int | None:
+    """Bytes of the files the manifest lists; None when they are not on this host."""
+    try:
+        return sum(int((Path(path) / name).stat().st_size) for name in manifest.get("files", {}))
+    except OSError:
+        return None
 
 
 def build_report(db: Database, lineage: str, limit: int = 100) -> dict[str, Any]:
@@ -82,6 +91,8 @@ def build_report(db: Database, lineage: str, limit: int = 100) -> dict[str, Any]
                 "version": c.version,
                 "parent_version": c.parent_version,
                 "status": c.status,
+                "path": c.path,
+                "size_bytes": checkpoint_bytes(c.path, c.manifest),
                 "produced_by_round": c.produced_by_round,
                 "created_at": c.created_at.isoformat(),
                 "promoted_at": c.promoted_at.isoformat() if c.promoted_at else None,

@@ -1,14 +1,16 @@
-"""`selflm serve | worker | migrate`."""
+"""`selflm`: serve | worker | migrate, and the client commands (round, checkpoints, ...)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Annotated
+
+import typer
 
 from core.settings import Settings
 
@@ -89,23 +91,67 @@ def cmd_worker(settings: Settings, extra: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="selflm", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    serve = sub.add_parser("serve", help="run the API (and, embedded, a worker beside it)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    worker = sub.add_parser("worker", help="run a Celery worker for self-update rounds")
-    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
-    sub.add_parser("migrate", help="upgrade the database to the latest schema")
-    args = parser.parse_args(argv)
+app = typer.Typer(
+    name="selflm",
+    help="selflm: a language model that improves itself while it serves.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8080,
+) -> None:
+    """Run the API (and, embedded, a worker beside it)."""
     _logging()
-    settings = Settings()
-    if args.cmd == "serve":
-        return cmd_serve(settings, args.host, args.port)
-    if args.cmd == "worker":
-        return cmd_worker(settings, args.celery_args)
-    return cmd_migrate(settings)
+    raise typer.Exit(cmd_serve(Settings(), host, port))
+
+
+@app.command(
+    "worker",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def worker(ctx: typer.Context) -> None:
+    """Run a Celery worker for self-update rounds (extra arguments go to Celery)."""
+    _logging()
+    raise typer.Exit(cmd_worker(Settings(), ctx.args))
+
+
+@app.command("migrate")
+def migrate() -> None:
+    """Upgrade the database to the latest schema."""
+    _logging()
+    raise typer.Exit(cmd_migrate(Settings()))
+
+
+def _client_commands() -> None:
+    # The client commands talk to a running server over HTTP (selflm/commands/).
+    from selflm.commands import checkpoints, generate, rounds
+
+    app.add_typer(rounds.app, name="round")
+    app.command("checkpoints")(checkpoints.checkpoints)
+    app.command("promote")(checkpoints.promote)
+    app.command("export")(checkpoints.export)
+    app.command("generate")(generate.generate)
+    app.command("chat")(generate.chat)
+
+
+_client_commands()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="selflm")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

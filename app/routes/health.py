@@ -6,9 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import ApiError
+from app.routes.info import lineage_summary
 from app.schemas import HealthResponse, InfoResponse
 from app.state import AppState, get_state
 from core import __version__
@@ -48,6 +50,10 @@ async def info(state: Annotated[AppState, Depends(get_state)]) -> InfoResponse:
     if m is None:
         raise ApiError(503, "no model loaded yet")
     s = state.settings
+    try:
+        lineage = await run_in_threadpool(lineage_summary, state)
+    except SQLAlchemyError:  # /info answers without its database too
+        lineage = {"champion_version": None, "lineage_versions": []}
     return InfoResponse(
         model_id=m.model_id,
         model_version=m.version,
@@ -61,4 +67,6 @@ async def info(state: Annotated[AppState, Depends(get_state)]) -> InfoResponse:
         max_batch_size=s.max_batch_size,
         lineage=s.lineage,
         version=__version__,
+        champion_version=lineage["champion_version"],
+        lineage_versions=lineage["lineage_versions"],
     )

@@ -1,0 +1,1 @@
+"""The `selflm` client commands (they talk to a running server over HTTP)."""
