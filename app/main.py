@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import errors
 from app.engine.interface import Engine
-from app.routes import checkpoints, generate, health, metrics, openai, rounds, stream
+from app.routes import checkpoints, data, generate, health, metrics, openai, rounds, stream
 from app.state import AppState
 from app.swap import SwapWatcher
 from core import __version__
@@ -81,4 +81,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(rounds.router)
     app.include_router(metrics.router)
     app.include_router(checkpoints.router)
+    app.include_router(data.router)
     return app

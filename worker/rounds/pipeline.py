@@ -28,6 +28,7 @@ from worker.rounds.data import (
     Corpus,
     eval_sample,
     load_corpus,
+    load_prompt_file,
     passages,
     prompts_from,
 )
@@ -99,8 +100,12 @@ class Round:
             return [x for x in p.prompts if x.strip()]
         if p.prompt_source == "file":
             assert p.prompt_file is not None
-            lines = [x.strip() for x in Path(p.prompt_file).read_text().splitlines()]
-            return [x for x in lines if x][: p.num_prompts]
+            return load_prompt_file(
+                self.settings.round_data_path,
+                p.prompt_file,
+                p.num_prompts,
+                self.settings.round_data_max_bytes,
+            )
         if p.prompt_source == "served":
             served = records.served_prompts(self.db, self.settings.lineage, p.num_prompts)
             if served:
@@ -122,7 +127,12 @@ class Round:
         verify_checkpoint(Path(champ_path), champ_manifest)
         champion = load_checkpoint(Path(champ_path), pick_device(settings.device), torch.float32)
         model, tok = champion.model, champion.tokenizer
-        corpus = load_corpus(p.corpus, seed=SPLIT_SEED)
+        corpus = load_corpus(
+            p.corpus,
+            seed=SPLIT_SEED,
+            root=settings.round_data_path,
+            max_bytes=settings.round_data_max_bytes,
+        )
         # Tokenised once here; every perplexity below scores these ids.
         dev_texts = encode_texts(tok, eval_sample(corpus.dev, p.eval_passages))
         test_texts = encode_texts(tok, eval_sample(corpus.test, p.eval_passages))
