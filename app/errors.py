@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.interface import (
@@ -92,6 +93,22 @@ def install(app: FastAPI) -> None:
         return error_response(
             exc.status_code, str(exc.detail), None, dict(exc.headers) if exc.headers else None
         )
+
+    # The database is unreachable, timed out or out of connections: the service is up but
+    # cannot do this now (503, as the README promises), not broken (500).
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return error_response(
+            503, "database unavailable; retry later", "unavailable", {"Retry-After": "5"}
+        )
+
+    for cls in (
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        sa_exc.DisconnectionError,
+    ):
+        app.add_exception_handler(cls, _database)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

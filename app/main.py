@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -22,24 +23,79 @@ log = logging.getLogger(__name__)
 
 
 def _start(settings: Settings, engine: Engine | None) -> AppState:
-    """Blocking start-up: migrations (SQLite), base checkpoint, engine with the champion."""
+    """Blocking start-up: migrations (SQLite), base checkpoint, engine with the champion.
+
+    A champion whose files are missing or corrupt does not stop the start: the newest
+    previously served version that verifies is served instead, and /health says so (an API
+    that refuses to start leaves nothing to roll back with).
+    """
+    from core.db.liveness import Reaper
     from core.registry import ensure_base_checkpoint
 
     if settings.database_url.startswith("sqlite"):
         upgrade(settings.database_url)  # the embedded start migrates itself
-    db = Database(settings.database_url)
+    db = Database.from_settings(settings)
     champion = ensure_base_checkpoint(settings, db)
     if engine is None:
         from app.engine.torch_engine import TorchEngine
 
         engine = TorchEngine(settings)
-    engine.swap(engine.load(champion.version, champion.path, champion.manifest))
     state = AppState(settings=settings, db=db, engine=engine)
+    try:
+        loaded = engine.load(champion.version, champion.path, champion.manifest)
+    except Exception as e:
+        loaded = _load_fallback(settings, db, engine, champion.version, e)
+        state.extras["fallback"] = {
+            "champion_version": champion.version,
+            "serving_version": loaded.info.version,
+            "reason": f"{type(e).__name__}: {e}",
+        }
+    engine.swap(loaded)
     watcher = SwapWatcher(settings, db, engine)
     watcher.start()
+    reaper = Reaper(
+        db,
+        every_s=settings.reaper_interval_s,
+        worker_stale_after_s=settings.worker_stale_after_s,
+        queued_ttl_s=settings.round_queued_ttl_s,
+        round_stale_after_s=settings.round_stale_after_s,
+    ).start()
     state.extras["watcher"] = watcher
-    state.extras["on_shutdown"] = [watcher.stop]
+    state.extras["reaper"] = reaper
+    state.extras["on_shutdown"] = [watcher.stop, reaper.stop]
     return state
+
+
+def _load_fallback(
+    settings: Settings, db: Database, engine: Engine, champion: int, error: Exception
+) -> Any:
+    """The newest earlier-served version (retired) that verifies and loads; else re-raise."""
+    from sqlalchemy import select
+
+    from core.db.models import Checkpoint
+
+    log.error("champion v%d cannot be served (%s); looking for a fallback", champion, error)
+    with db.session() as s:
+        rows = list(
+            s.execute(
+                select(Checkpoint.version, Checkpoint.path, Checkpoint.manifest)
+                .where(
+                    Checkpoint.lineage == settings.lineage,
+                    Checkpoint.version != champion,
+                    Checkpoint.status.in_(("retired", "champion")),
+                )
+                .order_by(Checkpoint.version.desc())
+            )
+        )
+    for version, path, manifest in rows:
+        try:
+            loaded = engine.load(version, path, manifest)
+        except Exception as e:
+            log.warning("fallback v%d is not usable either: %s", version, e)
+            continue
+        log.error("SERVING FALLBACK v%d: champion v%d is missing or corrupt", version, champion)
+        return loaded
+    raise error
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

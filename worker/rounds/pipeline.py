@@ -386,7 +386,12 @@ def _div_metrics(who: str, d: DiversityStats) -> dict[str, float]:
 
 def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome | None:
     """Claim and run one round. Returns None when another delivery owns it."""
-    if not records.claim(db, round_id, stale_after_s=settings.round_stale_after_s):
+    if not records.claim(
+        db,
+        round_id,
+        stale_after_s=settings.round_stale_after_s,
+        worker_stale_after_s=settings.worker_stale_after_s,
+    ):
         log.info("round %d not claimable (already taken or finished); skipping", round_id)
         return None
     row = records.get_round(db, round_id)
