@@ -125,15 +125,21 @@ def reap(
     worker_stale_after_s: float = WORKER_STALE_AFTER_S,
     queued_ttl_s: float = 3600.0,
     round_stale_after_s: float = 300.0,
+    suspects: dict[tuple[int, str | None], float] | None = None,
+    grace_s: float = 0.0,
 ) -> dict[str, int]:
     """Fail running rounds whose owner is dead and expire queued rounds past their TTL.
 
     Every lineage, idempotent (guarded updates): the API and every worker run it
-    periodically, so a dead worker's round is failed within about
-    `worker_stale_after_s + reaper interval` even if nobody posts a new round.
+    periodically, so a dead worker's round is failed even if nobody posts a new round.
+    With `suspects` (the caller's memory between calls) a round is failed only after its
+    owner has been seen dead for `grace_s`: a redelivery (Celery requeues the task of a
+    killed pool child at once) gets that long to take the round over and finish it.
     """
     failed = expired = 0
     now = utcnow()
+    clock = time.monotonic()
+    seen: set[tuple[int, str | None]] = set()
     with db.session() as s:
         running = s.execute(
             select(
@@ -149,6 +155,10 @@ def reap(
         ancient = hb is None or hb < now - timedelta(seconds=round_stale_after_s)
         gone = pid_gone(r.worker_id or "")
         if not (gone or ancient or (quiet and owner_dead(db, r.worker_id, worker_stale_after_s))):
+            continue
+        key = (int(r.id), r.claim_token)
+        seen.add(key)
+        if suspects is not None and clock - suspects.setdefault(key, clock) < grace_s:
             continue
         guard = (
             UpdateRound.claim_token == r.claim_token
@@ -180,6 +190,10 @@ def reap(
             )
         )
         expired = int(res.rowcount or 0)  # type: ignore[attr-defined]
+    if suspects is not None:
+        for key in list(suspects):
+            if key not in seen:
+                del suspects[key]
     with db.session() as s:  # rows of processes long gone (kill -9 leaves them behind)
         s.execute(
             delete(WorkerHeartbeat).where(
@@ -209,6 +223,7 @@ class Reaper:
         self._every = every_s
         self._role = heartbeat_role
         self._beat_every = heartbeat_every_s
+        self._suspects: dict[tuple[int, str | None], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="round-reaper")
         self.last_error: str | None = None
@@ -233,7 +248,8 @@ class Reaper:
                 if self._role is not None:
                     beat(self._db, self._role)
                 if time.monotonic() >= next_reap:
-                    reap(self._db, *self._args)
+                    # Grace: one worker-staleness period for a redelivery to take over.
+                    reap(self._db, *self._args, suspects=self._suspects, grace_s=self._args[0])
                     next_reap = time.monotonic() + self._every
                     self.last_run = utcnow()
                 self.last_error = None
