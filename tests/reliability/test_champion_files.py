@@ -39,6 +39,9 @@ def _env(tmp: Path) -> dict[str, str]:
         SELFLM_CHECKPOINT_DIR=str(tmp / "checkpoints"),
         SELFLM_DATABASE_URL=f"sqlite:///{tmp / 'selflm.db'}",
         SELFLM_DEVICE="cpu",
+        # The checkpoint's own dtype: nothing converts the tensors, so without owned memory
+        # they would stay mapped from the file (bfloat16 would copy them by accident).
+        SELFLM_DTYPE="float32",
         SELFLM_EMBEDDED_WORKER="false",
     )
     return env

@@ -49,17 +49,17 @@ FAST = {
 }
 # Long enough that each stage lasts seconds on the tiny model.
 LONG: dict[str, Any] = {
-    "num_prompts": 8,
-    "samples_per_prompt": 4,
-    "max_new_tokens": 24,
-    "min_words": 2,
-    "train_size": 24,
-    "valid_size": 6,
-    "eval_passages": 24,
-    "diversity_prompts": 48,
-    "epochs": 12,
+    "num_prompts": 4,
+    "samples_per_prompt": 2,
+    "max_new_tokens": 12,
+    "filters": False,
+    "train_size": 6,
+    "valid_size": 2,
+    "eval_passages": 8,
+    "diversity_prompts": 12,
+    "epochs": 40,
     "batch_size": 4,
-    "max_length": 96,
+    "max_length": 64,
     "diversity_tolerance": 1.0,
     "base_diversity_tolerance": 1.0,
 }
