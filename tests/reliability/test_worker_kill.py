@@ -57,7 +57,7 @@ LONG: dict[str, Any] = {
     "valid_size": 2,
     "eval_passages": 8,
     "diversity_prompts": 12,
-    "epochs": 40,
+    "epochs": 20,
     "batch_size": 4,
     "max_length": 64,
     "diversity_tolerance": 1.0,
