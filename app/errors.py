@@ -11,9 +11,11 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.interface import (
+    EngineDeadlineError,
     EngineNotReadyError,
     EngineOverloadedError,
     EngineValidationError,
+    RequestCancelledError,
 )
 
 log = logging.getLogger(__name__)
@@ -25,9 +27,12 @@ _TYPES = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    413: "too_large",
     422: "validation",
     429: "overloaded",
+    499: "cancelled",
     503: "unavailable",
+    504: "timeout",
 }
 
 
@@ -78,7 +83,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineOverloadedError)
     async def _overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
-        return error_response(429, str(exc), "overloaded", {"Retry-After": "1"})
+        return error_response(429, str(exc), "overloaded", {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(EngineDeadlineError)
+    async def _deadline(_: Request, exc: EngineDeadlineError) -> JSONResponse:
+        return error_response(504, str(exc), "timeout")
+
+    @app.exception_handler(RequestCancelledError)
+    async def _cancelled(_: Request, exc: RequestCancelledError) -> JSONResponse:
+        return error_response(499, str(exc), "cancelled")  # the client is gone: for the logs
 
     @app.exception_handler(EngineNotReadyError)
     async def _not_ready(_: Request, exc: EngineNotReadyError) -> JSONResponse:

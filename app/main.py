@@ -10,8 +10,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app import errors
+from app import errors, openapi
 from app.engine.interface import Engine
+from app.limits import RequestGuard
 from app.routes import checkpoints, data, generate, health, metrics, openai, rounds, stream
 from app.state import AppState
 from app.swap import SwapWatcher
@@ -116,6 +117,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="selflm", version=__version__, lifespan=lifespan)
     errors.install(app)
+    # Inside the middleware below, so its 413 reaches the error handlers (app/limits.py).
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def model_version_header(
@@ -138,4 +141,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(metrics.router)
     app.include_router(checkpoints.router)
     app.include_router(data.router)
+    openapi.install(app)  # the real error responses in the document (app/openapi.py)
     return app

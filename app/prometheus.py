@@ -42,6 +42,19 @@ def exposition(report: dict[str, Any], engine: dict[str, Any], swap: dict[str, A
         "Requests waiting for a batch.",
         [_line("selflm_queue_depth", engine.get("queue_depth"))],
     )
+    metric(
+        "selflm_requests_running",
+        "gauge",
+        "Requests decoding in a batch now.",
+        [_line("selflm_requests_running", engine.get("requests_running"))],
+    )
+    for key, help_ in (
+        ("shed_total", "Requests refused with 429 (queue full or wait too long)."),
+        ("cancelled_total", "Requests dropped because their client went away."),
+        ("expired_total", "Requests dropped at their deadline (504)."),
+        ("row_errors_total", "Requests that failed alone inside a batch."),
+    ):
+        metric(f"selflm_{key}", "counter", help_, [_line(f"selflm_{key}", engine.get(key))])
     for key, help_ in (
         ("swaps_total", "Hot swaps completed."),
         ("refused_total", "Checkpoints refused (missing, checksum, load)."),

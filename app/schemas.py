@@ -6,10 +6,39 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Ids, versions and offsets are 32-bit integer columns on PostgreSQL: a larger one cannot
+# exist, and the database would refuse it with an error (a 500); the routes answer 422.
+DB_INT_MAX = 2**31 - 1
+
+# Below these a sampling temperature or repetition penalty over- or underflows float32
+# logits (1e-50 is 0.0 in float32): refused at the edge, where the message can say so.
+MIN_TEMPERATURE = 1e-4
+MIN_REPETITION_PENALTY = 1e-4
+
+
+def _no_lone_surrogates(value: Any) -> Any:
+    """A JSON "\ud800" escape decodes to a str no tokenizer, database or UTF-8 encoder
+    accepts: refuse it at the edge (422) instead of failing deep inside (500)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from e
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _no_lone_surrogates(item)
+    return value
+
 
 class Strict(BaseModel):
-    # Unknown fields are a client bug (a typo silently ignored is worse): 422.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are a client bug (a typo silently ignored is worse): 422. NaN and
+    # infinities (Python's JSON parser accepts them) are never a valid parameter: 422.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        return _no_lone_surrogates(v)
 
 
 class GenerateParameters(Strict):
@@ -30,6 +59,10 @@ class GenerateParameters(Strict):
     def _temperature(cls, v: float | None) -> float | None:
         if v is not None and v <= 0:
             raise ValueError("`temperature` must be strictly positive")
+        if v is not None and v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"`temperature` must be >= {MIN_TEMPERATURE} (use `do_sample: false` for greedy)"
+            )
         return v
 
     @field_validator("top_p")
@@ -51,6 +84,8 @@ class GenerateParameters(Strict):
     def _rep(cls, v: float | None) -> float | None:
         if v is not None and v <= 0:
             raise ValueError("`repetition_penalty` must be strictly positive")
+        if v is not None and v < MIN_REPETITION_PENALTY:
+            raise ValueError(f"`repetition_penalty` must be >= {MIN_REPETITION_PENALTY}")
         return v
 
     @field_validator("truncate")

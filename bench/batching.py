@@ -15,17 +15,8 @@ from typing import Any
 
 import torch
 
-from bench.common import (
-    DEFAULT_MODEL,
-    bench_prompts,
-    default_out,
-    md_table,
-    prepare_state,
-    run_info,
-    setup_logging,
-    workdir_for,
-    write_json,
-)
+from bench.report import default_out, md_table, run_info, setup_logging, write_json
+from bench.state import DEFAULT_MODEL, bench_prompts, prepare_state, workdir_for
 from core.modeling.decode import Row, decode_batch
 from core.modeling.loader import load_checkpoint
 from core.modeling.params import SamplingParams

@@ -19,28 +19,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import (
-    Load,
-    RssSampler,
-    add_candidate,
-    bench_prompts,
-    md_table,
-    parse_env,
-    prepare_state,
-    proc_status,
-    ratio,
-    reset_peak,
-    run_info,
-    run_swap,
-    server_info,
-    setup_logging,
-    start_server,
-    stop_server,
-    swap_summary,
-    warm_up,
-    workdir_for,
-    write_json,
-)
+from bench.load import Load, run_swap, swap_summary
+from bench.report import md_table, ratio, run_info, setup_logging, write_json
+from bench.rss import RssSampler, proc_status, reset_peak
+from bench.server import parse_env, server_info, start_server, stop_server, warm_up
+from bench.state import add_candidate, bench_prompts, prepare_state, workdir_for
 from bench.swap import add_swap_args
 from core.store import weights_bytes
 

@@ -31,20 +31,9 @@ from typing import Any
 
 import torch
 
-from bench.common import (
-    DEFAULT_MODEL,
-    bench_prompts,
-    default_out,
-    md_table,
-    prepare_state,
-    ratio,
-    reference_generate,
-    reference_train,
-    run_info,
-    setup_logging,
-    workdir_for,
-    write_json,
-)
+from bench.reference import reference_generate, reference_train
+from bench.report import default_out, md_table, ratio, run_info, setup_logging, write_json
+from bench.state import DEFAULT_MODEL, bench_prompts, prepare_state, workdir_for
 from core.modeling.device import dtype_name, pick_device
 from core.modeling.loader import load_checkpoint
 from worker.rounds.data import load_corpus, passages

@@ -26,28 +26,26 @@ from typing import Any
 
 import httpx
 
-from bench.common import (
-    DEFAULT_MODEL,
-    Server,
-    bench_prompts,
+from bench.reference import load_reference, reference_generate
+from bench.report import (
     default_out,
-    generate_body,
-    load_reference,
     md_table,
-    parse_env,
     percentile,
-    prepare_state,
     ratio,
-    reference_generate,
     run_info,
-    server_info,
     setup_logging,
+    write_json,
+)
+from bench.server import (
+    Server,
+    generate_body,
+    parse_env,
+    server_info,
     start_server,
     stop_server,
     warm_up,
-    workdir_for,
-    write_json,
 )
+from bench.state import DEFAULT_MODEL, bench_prompts, prepare_state, workdir_for
 from core.modeling.device import pick_device
 
 log = logging.getLogger("bench.serve")

@@ -18,26 +18,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import (
-    DEFAULT_MODEL,
-    add_candidate,
-    bench_prompts,
-    default_out,
-    md_table,
-    parse_env,
-    prepare_state,
-    ratio,
-    run_info,
-    run_swap,
-    server_info,
-    setup_logging,
-    start_server,
-    stop_server,
-    swap_summary,
-    warm_up,
-    workdir_for,
-    write_json,
-)
+from bench.load import run_swap, swap_summary
+from bench.report import default_out, md_table, ratio, run_info, setup_logging, write_json
+from bench.server import parse_env, server_info, start_server, stop_server, warm_up
+from bench.state import DEFAULT_MODEL, add_candidate, bench_prompts, prepare_state, workdir_for
 
 log = logging.getLogger("bench.swap")
 

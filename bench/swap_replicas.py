@@ -17,24 +17,10 @@ from typing import Any
 
 import httpx
 
-from bench.common import (
-    DEFAULT_MODEL,
-    Load,
-    add_candidate,
-    bench_prompts,
-    default_out,
-    health,
-    largest_gap,
-    md_table,
-    prepare_state,
-    run_info,
-    setup_logging,
-    start_server,
-    stop_server,
-    warm_up,
-    workdir_for,
-    write_json,
-)
+from bench.load import Load, largest_gap
+from bench.report import default_out, md_table, run_info, setup_logging, write_json
+from bench.server import health, start_server, stop_server, warm_up
+from bench.state import DEFAULT_MODEL, add_candidate, bench_prompts, prepare_state, workdir_for
 
 log = logging.getLogger("bench.swap_replicas")
 

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.datafiles import DataFileError, check_name
 
+# One explicit prompt, in characters (the count is capped by `prompts`' max_length).
+MAX_PROMPT_CHARS = 16_384
+
 
 class RoundParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,6 +63,22 @@ class RoundParams(BaseModel):
     diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # absolute, vs the parent
     base_diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # relative, vs the base
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("prompts", "prompt_file", "corpus")
+    @classmethod
+    def _text(cls, v: list[str] | str | None) -> list[str] | str | None:
+        # Per-item limits: a round's params are stored and echoed by every listing. Text
+        # must be valid Unicode: a lone surrogate ("\ud800") fails the database (a 500).
+        for i, item in enumerate([v] if isinstance(v, str) else v or []):
+            if len(item) > MAX_PROMPT_CHARS:
+                raise ValueError(
+                    f"item {i} has {len(item)} characters; the limit is {MAX_PROMPT_CHARS}"
+                )
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"item {i} is not valid Unicode (lone surrogate)") from e
+        return v
 
     @field_validator("prompt_file", "corpus")
     @classmethod

@@ -66,6 +66,16 @@ class Settings(BaseSettings):
     # Start a Celery worker beside the API in `selflm serve` (embedded default).
     embedded_worker: bool | None = None
 
+    # Overload and hostile input (docs/reliability.md). A request body over this many bytes
+    # is refused with 413 as it streams in.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # Shed a generation request (429 + Retry-After) when the queue ahead of it would take
+    # longer than this to drain at the measured throughput (`max_queue` caps its length).
+    max_queue_wait_s: float = Field(default=30.0, gt=0)
+    # A generation request that has not finished this long after it arrived is dropped
+    # (504; 0 = no limit); a client's `X-Request-Timeout: <seconds>` can only shorten it.
+    request_timeout_s: float = Field(default=300.0, ge=0)
+
     # Worker time limits for one round (seconds).
     round_soft_time_limit_s: int = 3600
     round_time_limit_s: int = 3900

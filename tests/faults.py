@@ -25,7 +25,8 @@ class TcpProxy:
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
         self._listener = socket.create_server((listen_host, 0))
-        self.host, self.port = listen_host, self._listener.getsockname()[1]
+        self.host = listen_host
+        self.port: int = int(self._listener.getsockname()[1])
         self._mode: Mode = "pass"
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
@@ -45,9 +46,6 @@ class TcpProxy:
                 for s in self._conns:
                     _reset(s)
                 self._conns.clear()
-
-    def url_port(self) -> int:
-        return self.port
 
     def close(self) -> None:
         self._closed.set()

@@ -15,7 +15,20 @@ class EngineValidationError(ValueError):
 
 
 class EngineOverloadedError(RuntimeError):
-    """The request queue is full (429 `overloaded`)."""
+    """The request is shed: the queue is full or its wait would be too long (429
+    `overloaded`, with `Retry-After: retry_after` seconds)."""
+
+    def __init__(self, message: str = "Model is overloaded", retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadlineError(RuntimeError):
+    """The request's deadline passed before it finished (504 `timeout`)."""
+
+
+class RequestCancelledError(RuntimeError):
+    """The client went away; its work was dropped (499, which nobody reads)."""
 
 
 class EngineNotReadyError(RuntimeError):

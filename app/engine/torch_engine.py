@@ -21,16 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from starlette.concurrency import run_in_threadpool
 
+from app.engine.admission import ServiceMeter, abandon_signal, check_admission, request_error
+from app.engine.admission import deadline as request_deadline
 from app.engine.interface import (
+    EngineDeadlineError,
     EngineNotReadyError,
     EngineOverloadedError,
     EngineValidationError,
     GenerationResult,
     ModelInfo,
+    RequestCancelledError,
     StreamToken,
 )
-from core.modeling.decode import Row, decode_batch, token_details
+from app.limits import current_request
+from core.modeling.decode import Row, aborted, decode_batch, token_details
 from core.modeling.device import dtype_name, pick_device, pick_dtype
 from core.modeling.loader import load_checkpoint
 from core.modeling.params import SamplingParams
@@ -52,6 +58,11 @@ class _Pending:
     row: Row
     future: Future[GenerationResult]
     enqueued: float
+    started: float = 0.0
+
+
+class _Gone:
+    """Stream sentinel: the request was abandoned (client gone or deadline passed)."""
 
 
 def context_length(config: Any) -> int:
@@ -78,6 +89,14 @@ class TorchEngine:
         self.batches = 0
         self.requests = 0
         self.generated_tokens = 0
+        # Overload and abandonment (docs/reliability.md): rows decoding now, measured
+        # throughput, and what was shed, abandoned, expired or failed on its own.
+        self._in_flight: dict[int, _Pending] = {}
+        self.meter = ServiceMeter(settings.max_batch_size)
+        self.shed = 0
+        self.cancelled = 0
+        self.expired = 0
+        self.row_errors = 0
 
     # -- model lifecycle -------------------------------------------------------------
     def load(self, version: int, path: str, manifest: dict[str, Any] | None) -> LoadedModel:
@@ -124,6 +143,12 @@ class TorchEngine:
             "batches_total": self.batches,
             "requests_total": self.requests,
             "generated_tokens_total": self.generated_tokens,
+            "requests_running": len(self._in_flight),
+            "service_rate_rps": self.meter.rate(),
+            "shed_total": self.shed,
+            "cancelled_total": self.cancelled,
+            "expired_total": self.expired,
+            "row_errors_total": self.row_errors,
         }
 
     # -- requests --------------------------------------------------------------------
@@ -131,7 +156,10 @@ class TorchEngine:
         return len(self._prompt_ids(self.current(), prompt, params))
 
     def _prompt_ids(self, cur: LoadedModel, prompt: str, params: SamplingParams) -> list[int]:
-        ids: list[int] = cur.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        try:
+            ids: list[int] = cur.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        except (TypeError, ValueError, UnicodeError) as e:  # e.g. a lone surrogate
+            raise EngineValidationError(f"`inputs` cannot be tokenized: {e}") from e
         if params.truncate is not None:
             ids = ids[-params.truncate :]
         if not ids:
@@ -151,49 +179,142 @@ class TorchEngine:
         params: SamplingParams,
         details: bool = False,
         on_token: Callable[[int, float], None] | None = None,
+        deadline: float | None = None,
     ) -> Future[GenerationResult]:
-        cur = self.current()
-        row = Row(
-            prompt_ids=self._prompt_ids(cur, prompt, params),
-            params=params,
-            want_tokens=details,
-            on_token=on_token,
-        )
+        self._check_admission(deadline)
+        row = self._make_row(self.current(), prompt, params, details, on_token, deadline)
+        return self._enqueue(row)
+
+    # -- admission, deadlines and abandonment (docs/reliability.md) --------------------
+    def _check_admission(self, deadline: float | None) -> None:
+        """Shed before any work: a full queue, or a wait longer than allowed."""
+        budget = None if deadline is None else deadline - time.monotonic()
+        try:
+            check_admission(
+                self._queue.qsize(),
+                self.settings.max_queue,
+                self.settings.max_queue_wait_s,
+                self.meter.rate(),
+                budget,
+            )
+        except EngineOverloadedError:
+            self.shed += 1
+            raise
+
+    def _make_row(
+        self,
+        cur: LoadedModel,
+        prompt: str,
+        params: SamplingParams,
+        details: bool,
+        on_token: Callable[[int, float], None] | None,
+        deadline: float | None,
+    ) -> Row:
+        ids = self._prompt_ids(cur, prompt, params)
+        try:
+            return Row(
+                prompt_ids=ids,
+                params=params,
+                want_tokens=details,
+                on_token=on_token,
+                deadline=deadline,
+            )
+        except (RuntimeError, ValueError, OverflowError) as e:  # a seed torch cannot take
+            raise EngineValidationError(f"invalid sampling parameters: {e}") from e
+
+    def _enqueue(self, row: Row) -> Future[GenerationResult]:
         if self._queue.qsize() >= self.settings.max_queue:
+            self.shed += 1
             raise EngineOverloadedError("Model is overloaded")
         fut: Future[GenerationResult] = Future()
         self._queue.put(_Pending(row=row, future=fut, enqueued=time.monotonic()))
         return fut
 
+    async def _submit(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        details: bool,
+        on_token: Callable[[int, float], None] | None,
+    ) -> tuple[Future[GenerationResult], Row]:
+        ctx = current_request()
+        deadline = request_deadline(
+            self.settings.request_timeout_s, ctx.timeout_header if ctx else None
+        )
+        self._check_admission(deadline)  # the queue is checked before any work
+        cur = self.current()
+        # Tokenizing a long prompt takes a while: never on the event loop.
+        row = await run_in_threadpool(
+            self._make_row, cur, prompt, params, details, on_token, deadline
+        )
+        return self._enqueue(row), row
+
+    def _abandon(self, row: Row, fut: Future[GenerationResult], why: BaseException) -> None:
+        """Drop the request's work: a queued row is never started, a running one leaves
+        its batch at the next step."""
+        row.cancelled = True
+        fut.cancel()
+        if isinstance(why, EngineDeadlineError):
+            self.expired += 1
+        else:
+            self.cancelled += 1
+
     async def generate(
         self, prompt: str, params: SamplingParams, details: bool = False
     ) -> GenerationResult:
-        return await asyncio.wrap_future(self.submit(prompt, params, details))
+        fut, row = await self._submit(prompt, params, details, None)
+        result = asyncio.wrap_future(fut)
+        abandon = asyncio.ensure_future(abandon_signal(row.deadline, current_request()))
+        either: set[asyncio.Future[Any]] = {result, abandon}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._abandon(row, fut, RequestCancelledError("cancelled"))
+            raise
+        finally:
+            abandon.cancel()
+        if result.done():
+            return result.result()
+        why = abandon.result()
+        self._abandon(row, fut, why)
+        result.cancel()
+        raise why
 
     async def stream(
         self, prompt: str, params: SamplingParams
     ) -> AsyncIterator[StreamToken | GenerationResult]:
         """Tokens as they are chosen, then the final result."""
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
+        q: asyncio.Queue[tuple[int, float] | _Gone | None] = asyncio.Queue()
         tokenizer = self.current().tokenizer
 
         def on_token(tok: int, logprob: float) -> None:
             loop.call_soon_threadsafe(q.put_nowait, (tok, logprob))
 
-        fut = self.submit(prompt, params, on_token=on_token)
+        fut, row = await self._submit(prompt, params, False, on_token)
         fut.add_done_callback(lambda _: loop.call_soon_threadsafe(q.put_nowait, None))
+        abandon = asyncio.ensure_future(abandon_signal(row.deadline, current_request()))
+        abandon.add_done_callback(lambda t: None if t.cancelled() else q.put_nowait(_Gone()))
         ids: list[int] = []
         text = ""
         special = set(tokenizer.all_special_ids)
-        while (item := await q.get()) is not None:
-            tok, logprob = item
-            ids.append(tok)
-            # Decode the whole prefix: a token may complete a multi-byte character.
-            full = tokenizer.decode(ids, skip_special_tokens=True)
-            piece, text = full[len(text) :], full
-            yield StreamToken(id=tok, text=piece, logprob=logprob, special=tok in special)
-        result: GenerationResult = await asyncio.wrap_future(fut)
+        try:
+            while (item := await q.get()) is not None:
+                if isinstance(item, _Gone):
+                    why = abandon.result()
+                    self._abandon(row, fut, why)
+                    raise why
+                tok, logprob = item
+                ids.append(tok)
+                # Decode the whole prefix: a token may complete a multi-byte character.
+                full = tokenizer.decode(ids, skip_special_tokens=True)
+                piece, text = full[len(text) :], full
+                yield StreamToken(id=tok, text=piece, logprob=logprob, special=tok in special)
+            result: GenerationResult = await asyncio.wrap_future(fut)
+        finally:
+            abandon.cancel()
+            if not fut.done() and not row.cancelled:  # the consumer stopped listening
+                self._abandon(row, fut, RequestCancelledError("cancelled"))
         yield result
 
     def close(self) -> None:
@@ -224,9 +345,20 @@ class TorchEngine:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             batch = self._collect()
-            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            batch = [p for p in batch if self._startable(p)]
             if batch:
                 self._run_batch(batch)
+
+    def _startable(self, p: _Pending) -> bool:
+        """Whether a queued request should start: not abandoned, not past its deadline."""
+        if not p.future.set_running_or_notify_cancel():
+            return False  # abandoned while queued: no work at all
+        p.started = time.monotonic()
+        why = aborted(p.row, p.started)
+        if why is not None:
+            p.future.set_exception(request_error(why))
+            return False
+        return True
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         cur = self._current  # one read: every row of this batch runs on this model
@@ -234,7 +366,8 @@ class TorchEngine:
             for p in batch:
                 p.future.set_exception(EngineNotReadyError("no model loaded yet"))
             return
-        in_flight = {id(p.row): p for p in batch}
+        in_flight = self._in_flight
+        in_flight.update({id(p.row): p for p in batch})
 
         def admit(room: int) -> list[Row]:
             # After a swap the batch only drains: new rows start on the new model.
@@ -249,7 +382,7 @@ class TorchEngine:
                 if item is None:
                     self._stop.set()
                     break
-                if item.future.set_running_or_notify_cancel():
+                if self._startable(item):
                     in_flight[id(item.row)] = item
                     joined.append(item.row)
             self.requests += len(joined)
@@ -257,6 +390,13 @@ class TorchEngine:
 
         def on_finish(row: Row) -> None:
             p = in_flight.pop(id(row))
+            if row.error is not None:  # this row alone stopped: its neighbours go on
+                err = request_error(row.error)
+                if err is row.error:  # its own failure, not a cancel or deadline
+                    self.row_errors += 1
+                p.future.set_exception(err)
+                return
+            self.meter.record(time.monotonic() - p.started)
             assert row.finish_reason is not None and cur is not None
             self.generated_tokens += len(row.generated)
             p.future.set_result(
@@ -286,3 +426,4 @@ class TorchEngine:
             log.exception("batch of %d failed", len(in_flight))
             for p in in_flight.values():
                 p.future.set_exception(e)
+            in_flight.clear()

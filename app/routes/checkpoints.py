@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_api_key
 from app.errors import ApiError
+from app.schemas import DB_INT_MAX
 from app.state import AppState, get_state
 from core.notify import announce
 from core.registry import get_checkpoint, promote
@@ -53,6 +55,7 @@ def _promote(state: AppState, version: int) -> dict[str, Any]:
 
 @router.post("/checkpoints/{version}/promote", dependencies=[Depends(require_api_key)])
 async def promote_checkpoint(
-    version: int, state: Annotated[AppState, Depends(get_state)]
+    version: Annotated[int, PathParam(ge=0, le=DB_INT_MAX)],
+    state: Annotated[AppState, Depends(get_state)],
 ) -> dict[str, Any]:
     return await run_in_threadpool(_promote, state, version)

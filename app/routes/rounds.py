@@ -6,12 +6,13 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_api_key
 from app.errors import ApiError
+from app.schemas import DB_INT_MAX
 from app.state import AppState, get_state
 from core.db import rounds as records
 from core.db.models import UpdateRound
@@ -126,7 +127,7 @@ async def start_round(
 async def list_rounds(
     state: Annotated[AppState, Depends(get_state)],
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ) -> RoundList:
     rows, total = await run_in_threadpool(
         records.list_rounds, state.db, state.settings.lineage, limit, offset
@@ -135,7 +136,10 @@ async def list_rounds(
 
 
 @router.get("/update-rounds/{round_id}", response_model=RoundOut)
-async def get_round(round_id: int, state: Annotated[AppState, Depends(get_state)]) -> RoundOut:
+async def get_round(
+    round_id: Annotated[int, Path(ge=1, le=DB_INT_MAX)],
+    state: Annotated[AppState, Depends(get_state)],
+) -> RoundOut:
     row = await run_in_threadpool(records.get_round, state.db, round_id)
     if row is None:
         raise ApiError(404, f"round {round_id} not found")
@@ -147,7 +151,10 @@ async def get_round(round_id: int, state: Annotated[AppState, Depends(get_state)
     response_model=RoundOut,
     dependencies=[Depends(require_api_key)],
 )
-async def cancel_round(round_id: int, state: Annotated[AppState, Depends(get_state)]) -> RoundOut:
+async def cancel_round(
+    round_id: Annotated[int, Path(ge=1, le=DB_INT_MAX)],
+    state: Annotated[AppState, Depends(get_state)],
+) -> RoundOut:
     row = await run_in_threadpool(records.get_round, state.db, round_id)
     if row is None:
         raise ApiError(404, f"round {round_id} not found")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from app.engine.interface import GenerationResult
+from app.engine.interface import EngineDeadlineError, GenerationResult
 from app.routes.generate import sampling_params
 from app.schemas import GenerateRequest
 from app.state import AppState, get_state
@@ -17,8 +18,19 @@ from app.state import AppState, get_state
 router = APIRouter()
 
 
+def _finite(data: Any) -> Any:
+    """NaN and infinities have no JSON spelling (json.dumps writes a bare NaN): null."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite(v) for v in data]
+    return data
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data)
+    payload = data if isinstance(data, str) else json.dumps(_finite(data), allow_nan=False)
     return f"data:{payload}\n\n".encode()
 
 
@@ -67,7 +79,12 @@ async def generate_stream(
                     "details": None,
                 }
             )
-            item = await anext(events)
+            try:
+                item = await anext(events)
+            except Exception as e:  # after the 200, TGI reports an error as an event
+                kind = "timeout" if isinstance(e, EngineDeadlineError) else "generation"
+                yield sse({"error": str(e), "error_type": kind})
+                return
 
     headers = {"x-model-version": str(info.version)} if info else {}
     return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)

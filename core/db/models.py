@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -22,6 +21,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Every timestamp column is aware UTC on PostgreSQL and SQLite alike (core/db/types.py).
+from core.db.types import UTCDateTime as DateTime
 
 CHECKPOINT_STATUSES = ("champion", "candidate", "rejected", "retired", "failed")
 ROUND_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +38,63 @@ class Row:
     generator: torch.Generator | None = None
     # Called from the decoding thread with (token id, logprob) as each token is chosen.
     on_token: Callable[[int, float], None] | None = None
+    # Set from any thread: the row leaves the batch at the next step (its client went away).
+    cancelled: bool = False
+    # time.monotonic() after which the row leaves the batch with RowDeadlineError.
+    deadline: float | None = None
+    # Why the row stopped without a finish_reason (its own failure, cancel, deadline); its
+    # neighbours in the batch are not affected.
+    error: BaseException | None = None
 
     def __post_init__(self) -> None:
         if self.params.do_sample:
             # TGI reports the seed it used; pick one when the client gave none.
             self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator().manual_seed(self.seed)
+
+
+class RowCancelledError(Exception):
+    """The row was cancelled (its client went away)."""
+
+
+class RowDeadlineError(Exception):
+    """The row's deadline passed before it finished."""
+
+
+def aborted(row: Row, now: float) -> BaseException | None:
+    """Why `row` should leave its batch now (cancelled, past its deadline), or None."""
+    if row.cancelled:
+        return RowCancelledError("cancelled")
+    if row.deadline is not None and now > row.deadline:
+        return RowDeadlineError("deadline exceeded")
+    return None
+
+
+def _choose_rows(
+    logits: torch.Tensor, rows: list[Row]
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, BaseException]]:
+    """choose_next for the batch; if that fails, row by row, so a row whose parameters
+    cannot be sampled fails alone. Generator states are restored first: the healthy rows
+    draw exactly what they would have drawn in the batch (and alone)."""
+    params, gens = [r.params for r in rows], [r.generator for r in rows]
+    states = [g.get_state() if g is not None else None for g in gens]
+    try:
+        chosen, lp = choose_next(logits, params, gens)
+        return chosen, lp, {}
+    except Exception:  # isolated below, row by row
+        log.warning("sampling failed for the batch; retrying row by row", exc_info=True)
+    failed: dict[int, BaseException] = {}
+    chosen = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+    lp = torch.zeros(len(rows), dtype=torch.float32, device=logits.device)
+    for j, (g, state) in enumerate(zip(gens, states, strict=True)):
+        if g is not None and state is not None:
+            g.set_state(state)
+        try:
+            one, one_lp = choose_next(logits[j : j + 1], [params[j]], [g])
+            chosen[j], lp[j] = one[0], one_lp[0]
+        except Exception as e:  # this row fails, not its neighbours
+            failed[j] = e
+    return chosen, lp, failed
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -180,11 +232,16 @@ def decode_batch(
         if any(p not in (None, 1.0) for p in penalties):
             logits = logits.float().clone()
             apply_repetition_penalty(logits, seen, penalties)
-        chosen, lp = choose_next(logits, [r.params for r in active], [r.generator for r in active])
+        chosen, lp, failed = _choose_rows(logits, active)
         chosen_list = chosen.tolist()
         lp_list = lp.tolist()
         keep: list[int] = []
+        now = time.monotonic()
         for j, r in enumerate(active):
+            if (err := failed.get(j) or aborted(r, now)) is not None:
+                r.error = err
+                done(r)
+                continue
             tok = int(chosen_list[j])
             if tok in stops:
                 done(r, "eos_token")
@@ -192,7 +249,12 @@ def decode_batch(
             r.generated.append(tok)
             r.logprobs.append(float(lp_list[j]))
             if r.on_token is not None:
-                r.on_token(tok, float(lp_list[j]))
+                try:
+                    r.on_token(tok, float(lp_list[j]))
+                except Exception as e:  # e.g. its client's loop is gone
+                    r.error = e
+                    done(r)
+                    continue
             if r.params.repetition_penalty not in (None, 1.0):
                 seen[j] = torch.cat([seen[j], chosen[j : j + 1]])
             if r.params.stop and _check_stop(r, tokenizer):

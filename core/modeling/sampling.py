@@ -28,6 +28,31 @@ def apply_repetition_penalty(
         row.scatter_(0, ids, scores)
 
 
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits a degenerate row cannot turn into NaN probabilities for its neighbours.
+
+    NaN becomes -inf (never chosen), +inf the largest finite value (the row's pick, as the
+    limit of the penalty or temperature that made it). A row left with no finite logit at
+    all has nothing sensible to choose: that raises, and the caller fails that row alone.
+    """
+    if bool(torch.isfinite(logits).all()):  # the common case: one check, no copy
+        return logits
+    big = torch.finfo(logits.dtype).max
+    out = torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
+    if not bool(torch.isfinite(out).any(-1).all()):
+        raise ValueError("a row's logits are all NaN or -inf")
+    return out
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int | None:
+    """One multinomial draw, or None where `probs` is not a distribution (NaN, inf, all
+    zero: a temperature or penalty that over- or underflowed float32). The caller then takes
+    the row's greedy choice, the limit such parameters tend to."""
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return None
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p on one row of float32 logits (the exact, full path)."""
     if params.temperature != 1.0:
@@ -79,8 +104,8 @@ def _sample_truncated(
                 continue
             remove = cum[i] - probs[i] >= p.top_p
             row_vals = row_vals.masked_fill(remove, float("-inf"))
-        choice = torch.multinomial(row_vals.softmax(-1), 1, generator=generators[i])
-        out.append(int(idx[i, choice]))
+        choice = draw(row_vals.softmax(-1), generators[i])
+        out.append(int(idx[i, choice]) if choice is not None else int(logits[i].argmax()))
     return out
 
 
@@ -90,7 +115,7 @@ def choose_next(
     generators: Sequence[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row; returns (token ids [B], their log-probabilities [B])."""
-    logits = logits.float()
+    logits = finite_logits(logits.float())
     logprobs = logits.log_softmax(-1)
     chosen = logits.argmax(-1)
     truncated = [
@@ -112,7 +137,8 @@ def choose_next(
         if tok is None:
             # Row generators are CPU generators (the same draws on every device).
             probs = warp(logits[i], p).softmax(-1).cpu()
-            tok = int(torch.multinomial(probs, 1, generator=generators[i])[0])
+            drawn = draw(probs, generators[i])
+            tok = drawn if drawn is not None else int(chosen[i])
         sampled[i] = tok
     if sampled:
         rows = list(sampled)

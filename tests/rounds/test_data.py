@@ -1,6 +1,7 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ def _words(text: str) -> list[str]:
 # --- loading -------------------------------------------------------------------------------
 
 
-def test_pydoc_documents_load_deterministically():
+def test_pydoc_documents_load_deterministically() -> None:
     name, docs = load_documents(None)
     assert name == "pydoc"
     # One document per topic: CPython 3.11 ships 79 topics, all long enough to keep.
@@ -31,7 +32,7 @@ def test_pydoc_documents_load_deterministically():
     assert load_documents("pydoc") == (name, docs)
 
 
-def test_directory_source_reads_txt_and_md_sorted(tmp_path):
+def test_directory_source_reads_txt_and_md_sorted(tmp_path: Path) -> None:
     (tmp_path / "b.md").write_text("# Bee\n\nbee text\n")
     (tmp_path / "a.txt").write_text("alpha text\n")
     (tmp_path / "sub").mkdir()
@@ -43,7 +44,7 @@ def test_directory_source_reads_txt_and_md_sorted(tmp_path):
     assert docs == ["alpha text", "# Bee\n\nbee text", "gamma text"]
 
 
-def test_jsonl_source(tmp_path):
+def test_jsonl_source(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": " one "}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     assert load_documents(str(path)) == ("docs", ["one", "two"])
@@ -55,7 +56,7 @@ def test_jsonl_source(tmp_path):
         load_documents(str(path))
 
 
-def test_plain_file_split_on_form_feed_and_blank_line_runs(tmp_path):
+def test_plain_file_split_on_form_feed_and_blank_line_runs(tmp_path: Path) -> None:
     path = tmp_path / "book.text"
     path.write_text(
         "first para\n\nstill first doc\n\f\nsecond doc\n\n\nthird doc\n \n\t\n \nfourth doc\n"
@@ -65,7 +66,7 @@ def test_plain_file_split_on_form_feed_and_blank_line_runs(tmp_path):
     assert docs == ["first para\n\nstill first doc", "second doc", "third doc", "fourth doc"]
 
 
-def test_missing_and_empty_sources_raise(tmp_path):
+def test_missing_and_empty_sources_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_documents(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="no documents"):
@@ -86,7 +87,7 @@ def _check_split(corpus: Corpus, docs: list[str]) -> None:
     assert len(corpus.train) + len(corpus.dev) + len(corpus.test) == len(set(docs))
 
 
-def test_default_corpus_split_is_disjoint_complete_and_deterministic():
+def test_default_corpus_split_is_disjoint_complete_and_deterministic() -> None:
     _, docs = load_documents(None)
     corpus = load_corpus()
     _check_split(corpus, docs)
@@ -98,7 +99,7 @@ def test_default_corpus_split_is_disjoint_complete_and_deterministic():
 
 
 @pytest.mark.parametrize("n", [3, 4, 7, 20, 101])
-def test_every_split_non_empty_from_three_documents(n):
+def test_every_split_non_empty_from_three_documents(n: int) -> None:
     docs = [f"document number {i}" for i in range(n)]
     corpus = split_corpus("t", docs, seed=5)
     _check_split(corpus, docs)
@@ -108,13 +109,13 @@ def test_every_split_non_empty_from_three_documents(n):
         assert part == sorted(part, key=docs.index)
 
 
-def test_fractions_are_respected_roughly():
+def test_fractions_are_respected_roughly() -> None:
     docs = [f"d{i}" for i in range(200)]
     corpus = split_corpus("t", docs, dev_fraction=0.1, test_fraction=0.2)
     assert (len(corpus.train), len(corpus.dev), len(corpus.test)) == (140, 20, 40)
 
 
-def test_small_corpora_and_bad_fractions():
+def test_small_corpora_and_bad_fractions() -> None:
     assert split_corpus("t", ["only"]) == Corpus("t", ["only"], [], [])
     two = split_corpus("t", ["a", "b"])
     assert len(two.train) == 1 and len(two.dev) == 1 and two.test == []
@@ -126,7 +127,7 @@ def test_small_corpora_and_bad_fractions():
         split_corpus("t", ["a", "b", "c"], dev_fraction=0.0)
 
 
-def test_duplicate_documents_cannot_straddle_splits():
+def test_duplicate_documents_cannot_straddle_splits() -> None:
     docs = ["same text"] * 5 + [f"other {i}" for i in range(10)]
     corpus = split_corpus("t", docs)
     assert sum(d == "same text" for d in corpus.train + corpus.dev + corpus.test) == 1
@@ -136,7 +137,7 @@ def test_duplicate_documents_cannot_straddle_splits():
 # --- passages and prompts ------------------------------------------------------------------
 
 
-def test_passages_respect_max_words_and_keep_every_word_in_order():
+def test_passages_respect_max_words_and_keep_every_word_in_order() -> None:
     _, docs = load_documents(None)
     chunks = passages(docs[:10], max_words=60)
     assert all(0 < len(_words(p)) <= 60 for p in chunks)
@@ -145,7 +146,7 @@ def test_passages_respect_max_words_and_keep_every_word_in_order():
     assert all(any(p in d for d in docs[:10]) for p in chunks)
 
 
-def test_passages_prefer_paragraph_then_sentence_boundaries():
+def test_passages_prefer_paragraph_then_sentence_boundaries() -> None:
     para = " ".join(f"w{i}" for i in range(49)) + "."  # 50 words
     doc = "\n\n".join([para, para.upper(), para + " end."])
     chunks = passages([doc], max_words=110)
@@ -159,7 +160,7 @@ def test_passages_prefer_paragraph_then_sentence_boundaries():
     assert [len(_words(p)) for p in passages([long_sentence], max_words=10)] == [10, 10, 5]
 
 
-def test_passages_keep_code_lines_and_shuffle_with_rng():
+def test_passages_keep_code_lines_and_shuffle_with_rng() -> None:
     code = "\n".join(f"    x{i} = {i}" for i in range(30))
     chunks = passages(["Intro text.\n\n" + code], max_words=20)
     assert all(len(_words(p)) <= 20 for p in chunks)
@@ -173,7 +174,7 @@ def test_passages_keep_code_lines_and_shuffle_with_rng():
         passages(docs, max_words=0)
 
 
-def test_prompts_are_openings_of_the_given_documents_only():
+def test_prompts_are_openings_of_the_given_documents_only() -> None:
     corpus = load_corpus()
     prompts = prompts_from(corpus.train, 40, random.Random(0))
     assert len(prompts) == 40
@@ -184,7 +185,7 @@ def test_prompts_are_openings_of_the_given_documents_only():
     assert prompts_from(corpus.train, 40, random.Random(0)) == prompts
 
 
-def test_prompts_reuse_passages_evenly_when_too_few():
+def test_prompts_reuse_passages_evenly_when_too_few() -> None:
     docs = [
         "alpha beta gamma delta epsilon zeta eta theta iota kappa",
         "one two three four five six seven eight nine ten eleven",

@@ -17,7 +17,9 @@ def stats(d2: float, rep: float) -> DiversityStats:
     return DiversityStats(distinct_1=0.3, distinct_2=d2, repetition_rate=rep)
 
 
-def check(parent: DiversityStats, cand: DiversityStats, base: DiversityStats | None = BASE):
+def check(
+    parent: DiversityStats, cand: DiversityStats, base: DiversityStats | None = BASE
+) -> DiversityCheck:
     return DiversityCheck(parent=parent, candidate=cand, tolerance=0.05, base=base)
 
 

@@ -1,9 +1,11 @@
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
 
-from core.modeling.loader import load_base
+from core.modeling.loader import LoadedBase, load_base
 from worker.rounds.evaluate import (
     IGNORE_INDEX,
     Perplexity,
@@ -27,13 +29,13 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny() -> LoadedBase:
     base = load_base("tiny:llama")
     base.model.eval()
     return base
 
 
-def _by_hand(model, ids_list):
+def _by_hand(model: Any, ids_list: Sequence[list[int]]) -> tuple[float, int]:
     """Unbatched, unpadded: sum of -log p(target) over every position after the first."""
     total, count = 0.0, 0
     with torch.no_grad():
@@ -47,7 +49,7 @@ def _by_hand(model, ids_list):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_perplexity_matches_hand_computation(arch):
+def test_perplexity_matches_hand_computation(arch: str) -> None:
     base = load_base(f"tiny:{arch}")
     tok, model = base.tokenizer, base.model.eval()
     texts = TEXTS[:2]  # different lengths, so the batch is padded
@@ -60,7 +62,7 @@ def test_perplexity_matches_hand_computation(arch):
     assert got.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
-def test_batching_and_padding_do_not_change_the_result(tiny):
+def test_batching_and_padding_do_not_change_the_result(tiny: LoadedBase) -> None:
     one = perplexity(tiny.model, tiny.tokenizer, TEXTS, batch_size=1)
     four = perplexity(tiny.model, tiny.tokenizer, TEXTS, batch_size=4)
     assert one.tokens == four.tokens
@@ -68,7 +70,7 @@ def test_batching_and_padding_do_not_change_the_result(tiny):
     assert four.ppl == pytest.approx(one.ppl, rel=1e-4)
 
 
-def test_token_weighted_not_mean_of_per_text_perplexities(tiny):
+def test_token_weighted_not_mean_of_per_text_perplexities(tiny: LoadedBase) -> None:
     got = perplexity(tiny.model, tiny.tokenizer, TEXTS)
     parts = [perplexity(tiny.model, tiny.tokenizer, [t]) for t in TEXTS]
     assert got.tokens == sum(p.tokens for p in parts)
@@ -76,7 +78,7 @@ def test_token_weighted_not_mean_of_per_text_perplexities(tiny):
     assert got.ppl == pytest.approx(math.exp(got.nll / got.tokens), rel=1e-9)
 
 
-def test_token_ids_are_scored_like_their_texts(tiny):
+def test_token_ids_are_scored_like_their_texts(tiny: LoadedBase) -> None:
     ids = encode_texts(tiny.tokenizer, TEXTS)
     assert all(row[0] == tiny.tokenizer.bos_token_id for row in ids)
     assert perplexity(tiny.model, tiny.tokenizer, ids) == perplexity(
@@ -85,10 +87,10 @@ def test_token_ids_are_scored_like_their_texts(tiny):
     # Id lists are used verbatim: no BOS is added a second time.
     assert encode_texts(tiny.tokenizer, ids) == ids
     with pytest.raises(TypeError):
-        encode_texts(tiny.tokenizer, ["text", [1, 2]])  # type: ignore[list-item]
+        encode_texts(tiny.tokenizer, ["text", [1, 2]])  # type: ignore[arg-type]
 
 
-def test_long_texts_are_windowed_not_truncated(tiny):
+def test_long_texts_are_windowed_not_truncated(tiny: LoadedBase) -> None:
     long_text = " ".join(TEXTS * 4)
     n = len(encode_texts(tiny.tokenizer, [long_text])[0])
     assert n > 40
@@ -99,7 +101,7 @@ def test_long_texts_are_windowed_not_truncated(tiny):
     assert windowed.ppl != whole.ppl
 
 
-def test_split_windows_predict_every_id_once():
+def test_split_windows_predict_every_id_once() -> None:
     seq = list(range(10))
     windows = split_windows([seq, [7]], max_length=4)
     assert windows == [(0, [0, 1, 2, 3]), (0, [3, 4, 5, 6]), (0, [6, 7, 8, 9]), (1, [7])]
@@ -109,13 +111,13 @@ def test_split_windows_predict_every_id_once():
         split_windows([seq], 1)
 
 
-def test_length_batches_group_similar_lengths():
+def test_length_batches_group_similar_lengths() -> None:
     assert length_batches([5, 1, 3, 2, 4], 2) == [[1, 3], [2, 4], [0]]
     with pytest.raises(ValueError):
         length_batches([1], 0)
 
 
-def test_collate_labels_come_from_the_mask_not_the_pad_id():
+def test_collate_labels_come_from_the_mask_not_the_pad_id() -> None:
     eos = 2
     ids, mask, labels = collate([[1, 5, eos], [1]], pad_id=eos, device=torch.device("cpu"))
     assert ids.tolist() == [[1, 5, eos], [1, eos, eos]]
@@ -124,7 +126,7 @@ def test_collate_labels_come_from_the_mask_not_the_pad_id():
     assert labels.tolist() == [[1, 5, eos], [1, IGNORE_INDEX, IGNORE_INDEX]]
 
 
-def test_per_sample_loss_is_in_input_order(tiny):
+def test_per_sample_loss_is_in_input_order(tiny: LoadedBase) -> None:
     losses = per_sample_loss(tiny.model, tiny.tokenizer, TEXTS, batch_size=3)
     for text, loss in zip(TEXTS, losses, strict=True):
         single = perplexity(tiny.model, tiny.tokenizer, [text])
@@ -138,7 +140,7 @@ def test_per_sample_loss_is_in_input_order(tiny):
     assert math.isnan(mixed[0]) and all(math.isfinite(v) for v in mixed[1:])
 
 
-def test_empty_input_raises_and_mode_is_restored(tiny):
+def test_empty_input_raises_and_mode_is_restored(tiny: LoadedBase) -> None:
     with pytest.raises(ValueError):
         perplexity(tiny.model, tiny.tokenizer, [])
     with pytest.raises(ValueError):

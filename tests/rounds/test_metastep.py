@@ -1,10 +1,11 @@
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
 
-from core.modeling.loader import load_base
+from core.modeling.loader import LoadedBase, load_base
 from worker.rounds.evaluate import perplexity
 from worker.rounds.metastep import MetaStepResult, interpolate_into, meta_step, state_copy
 
@@ -12,11 +13,11 @@ PROBE = "model.layers.0.mlp.up_proj.weight"
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny() -> LoadedBase:
     return load_base("tiny:llama")
 
 
-def _tuned(tiny):
+def _tuned(tiny: LoadedBase) -> Any:
     """A copy of the base with every float weight moved: some a little, some across zero and
     by orders of magnitude, which is where a float32 delta would lose bits."""
     model = copy.deepcopy(tiny.model)
@@ -33,14 +34,14 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _eps_of(model, base, tuned) -> float:
+def _eps_of(model: Any, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> float:
     """Recover ε from one weight: θ = base + ε (tuned − base)."""
     w = model.state_dict()[PROBE].double()
     b, t = base[PROBE].double(), tuned[PROBE].double()
     return float(((w - b) * (t - b)).sum() / ((t - b) ** 2).sum())
 
 
-def test_state_copy_is_a_detached_cpu_clone_that_keeps_ties(tiny):
+def test_state_copy_is_a_detached_cpu_clone_that_keeps_ties(tiny: LoadedBase) -> None:
     model = copy.deepcopy(tiny.model)
     state = state_copy(model)
     assert state.keys() == model.state_dict().keys()
@@ -52,7 +53,7 @@ def test_state_copy_is_a_detached_cpu_clone_that_keeps_ties(tiny):
     assert torch.equal(state[PROBE], before)
 
 
-def test_eps_zero_and_one_reproduce_base_and_tuned_exactly(tiny):
+def test_eps_zero_and_one_reproduce_base_and_tuned_exactly(tiny: LoadedBase) -> None:
     base = state_copy(tiny.model)
     model = _tuned(tiny)
     tuned = state_copy(model)
@@ -68,7 +69,7 @@ def test_eps_zero_and_one_reproduce_base_and_tuned_exactly(tiny):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_meta_step_picks_the_lowest_score_and_keeps_its_weights(tiny):
+def test_meta_step_picks_the_lowest_score_and_keeps_its_weights(tiny: LoadedBase) -> None:
     base = state_copy(tiny.model)
     model = _tuned(tiny)
     tuned = state_copy(model)
@@ -87,7 +88,7 @@ def test_meta_step_picks_the_lowest_score_and_keeps_its_weights(tiny):
     assert _eps_of(model, base, tuned) == pytest.approx(0.5, abs=1e-6)
 
 
-def test_meta_step_with_dev_perplexity_changes_the_model_output(tiny):
+def test_meta_step_with_dev_perplexity_changes_the_model_output(tiny: LoadedBase) -> None:
     base = state_copy(tiny.model)
     model = _tuned(tiny)
     texts = ["The if statement is used for conditional execution."]
@@ -97,7 +98,7 @@ def test_meta_step_with_dev_perplexity_changes_the_model_output(tiny):
     assert perplexity(model, tiny.tokenizer, texts).ppl == pytest.approx(result.scores[0.0])
 
 
-def test_nan_scores_lose_ties_go_first_and_empty_grid_raises(tiny):
+def test_nan_scores_lose_ties_go_first_and_empty_grid_raises(tiny: LoadedBase) -> None:
     base = state_copy(tiny.model)
     model = _tuned(tiny)
     tuned = state_copy(model)

@@ -1,11 +1,12 @@
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from core.modeling.device import cpu_has_fast_bf16
-from core.modeling.loader import load_base
+from core.modeling.loader import LoadedBase, load_base
 from worker.rounds import update
 from worker.rounds.evaluate import encode_texts, perplexity
 from worker.rounds.metastep import state_copy
@@ -22,11 +23,11 @@ OTHER = [
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny() -> LoadedBase:
     return load_base("tiny:llama")
 
 
-def _fresh(tiny):
+def _fresh(tiny: LoadedBase) -> Any:
     return copy.deepcopy(tiny.model)
 
 
@@ -34,7 +35,7 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_finetune_lowers_loss_on_its_training_texts(tiny):
+def test_finetune_lowers_loss_on_its_training_texts(tiny: LoadedBase) -> None:
     model = _fresh(tiny)
     before = perplexity(model, tiny.tokenizer, REPEATED)
     seen: list[EpochStats] = []
@@ -54,7 +55,7 @@ def test_finetune_lowers_loss_on_its_training_texts(tiny):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_early_stop_restores_the_best_epoch(tiny):
+def test_early_stop_restores_the_best_epoch(tiny: LoadedBase) -> None:
     model = _fresh(tiny)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -77,7 +78,7 @@ def test_early_stop_restores_the_best_epoch(tiny):
     assert restored.nll / restored.tokens == pytest.approx(min(losses), rel=1e-5)  # type: ignore[type-var]
 
 
-def test_bf16_autocast_runs_on_cpu_with_float32_weights(tiny):
+def test_bf16_autocast_runs_on_cpu_with_float32_weights(tiny: LoadedBase) -> None:
     model = _fresh(tiny)
     cfg = TrainConfig(learning_rate=1e-3, epochs=2, batch_size=2, autocast="bf16")
     result = finetune(model, tiny.tokenizer, REPEATED, OTHER, cfg)
@@ -86,14 +87,14 @@ def test_bf16_autocast_runs_on_cpu_with_float32_weights(tiny):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_autocast_choice():
+def test_autocast_choice() -> None:
     cpu = torch.device("cpu")
     assert autocast_dtype("off", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
 
 
-def test_training_is_deterministic_for_a_seed_and_accepts_token_ids(tiny):
+def test_training_is_deterministic_for_a_seed_and_accepts_token_ids(tiny: LoadedBase) -> None:
     cfg = TrainConfig(learning_rate=1e-3, epochs=1, batch_size=2, seed=7)
     a, b = _fresh(tiny), _fresh(tiny)
     finetune(a, tiny.tokenizer, REPEATED + OTHER, [], cfg)
@@ -103,7 +104,7 @@ def test_training_is_deterministic_for_a_seed_and_accepts_token_ids(tiny):
     assert not _same_state(state_copy(a), state_copy(tiny.model))
 
 
-def test_schedule_warms_up_then_decays_to_zero():
+def test_schedule_warms_up_then_decays_to_zero() -> None:
     factor = update._lr_lambda(total_steps=10, warmup_steps=2)
     values = [factor(s) for s in range(10)]
     assert values[:3] == [0.5, 1.0, 1.0]
@@ -112,7 +113,7 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert update._lr_lambda(5, 0)(0) == 1.0
 
 
-def test_bad_config_and_empty_training_set_are_refused(tiny):
+def test_bad_config_and_empty_training_set_are_refused(tiny: LoadedBase) -> None:
     with pytest.raises(ValueError):
         TrainConfig(autocast="fp8")
     with pytest.raises(ValueError):

@@ -1,6 +1,6 @@
 """Write ``docs/quality.md`` (and its test-perplexity plot) from the study's ``results.json``.
 
-    .venv/bin/python -m bench.quality_report [--results docs/quality/results.json]
+    .venv/bin/python -m studies.quality.report [--results docs/quality/results.json]
                                              [--report docs/quality.md]
 
 The plot goes beside the report as ``<report stem>_test_ppl.png``. The section "What the
@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("bench.quality_report")
+from studies.quality.plot import plot_path_for, write_plot
+from studies.quality.summary import ARM_NOTES, arms_in_order, fmt, pct, rel, summarize
+
+log = logging.getLogger("studies.quality.report")
 
 NOTES_BEGIN = "<!-- BEGIN what-the-numbers-say (hand-written; kept when the report is rebuilt) -->"
 NOTES_END = "<!-- END what-the-numbers-say -->"
@@ -31,224 +32,6 @@ NOTES_PLACEHOLDER = (
     "difference or hurt), how the reference loop compares, and which round defaults changed "
     "because of it._"
 )
-
-# The issue's targets for the selflm arm after N rounds (relative to the base model).
-TEST_GAIN = 0.05  # test ppl at least 5% lower
-UNRELATED_SLACK = 0.02  # unrelated ppl at most 2% higher
-DIVERSITY_BAND = 0.05  # distinct-2 and repetition rate within 5% of the base's
-
-ARM_NOTES = {
-    "reference": "the reference article's loop (see below)",
-    "selflm": "the round defaults",
-    "no_replay": "defaults without real replay text",
-    "no_filters": "defaults without the degenerate/duplicate filters",
-    "no_meta_step": "defaults with ε fixed at 1 (no interpolation)",
-    "random": "defaults with random selection",
-    "diversity": "defaults with diversity selection",
-    "difficulty": "defaults with difficulty selection",
-}
-
-
-def plot_path_for(report: Path) -> Path:
-    return report.with_name(f"{report.stem}_test_ppl.png")
-
-
-# --------------------------------------------------------------------------- numbers
-
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            return float(value)  # "inf" as written by the study for an overflowed ppl
-        except ValueError:
-            return None
-    return float(value)
-
-
-def _rel(value: Any, base: Any) -> float | None:
-    v, b = _num(value), _num(base)
-    if v is not None and v == b == 0:
-        return 0.0
-    if v is None or b is None or b == 0 or not math.isfinite(v) or not math.isfinite(b):
-        return None
-    return v / b - 1.0
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    v = _num(value)
-    if v is None:
-        return "–"
-    if not math.isfinite(v):
-        return "∞" if v > 0 else "NaN"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}f}"
-
-
-def pct(value: float | None) -> str:
-    return "–" if value is None else f"{value * 100:+.2f}%"
-
-
-@dataclass
-class ArmSummary:
-    arm: str
-    rounds: int
-    promotions: int
-    failed: int
-    base: dict[str, Any]
-    final: dict[str, Any]
-    test_change: float | None
-    unrelated_change: float | None
-    distinct2_change: float | None
-    repetition_change: float | None
-    worse_than_parent: list[tuple[int, float]]  # (round, relative test-ppl increase)
-
-    @property
-    def checks(self) -> list[tuple[str, str, bool | None, str]]:
-        """(target, value, met, gap) for the issue's four targets."""
-
-        def check(change: float | None, ok: bool, miss: str) -> tuple[bool | None, str]:
-            if change is None:
-                return None, "no number"
-            return ok, "" if ok else miss
-
-        out: list[tuple[str, str, bool | None, str]] = []
-        t = self.test_change
-        met, gap = check(
-            t,
-            t is not None and t <= -TEST_GAIN,
-            f"missed by {(t or 0) * 100 + TEST_GAIN * 100:.2f} points",
-        )
-        out.append(("test-split ppl ≥ 5% below base", pct(t), met, gap))
-        u = self.unrelated_change
-        met, gap = check(
-            u,
-            u is not None and u <= UNRELATED_SLACK,
-            f"over by {(u or 0) * 100 - UNRELATED_SLACK * 100:.2f} points",
-        )
-        out.append(("unrelated ppl ≤ 2% above base", pct(u), met, gap))
-        for name, change in (
-            ("distinct-2 within ±5% of base", self.distinct2_change),
-            ("repetition rate within ±5% of base", self.repetition_change),
-        ):
-            met, gap = check(
-                change,
-                change is not None and abs(change) <= DIVERSITY_BAND,
-                f"outside by {abs(change or 0) * 100 - DIVERSITY_BAND * 100:.2f} points",
-            )
-            out.append((name, pct(change), met, gap))
-        worst = max((w for _, w in self.worse_than_parent), default=None)
-        ok = not self.worse_than_parent
-        detail = ", ".join(f"round {r} ({w * 100:+.2f}%)" for r, w in self.worse_than_parent)
-        out.append(
-            (
-                "no promoted version worse on test than its parent",
-                f"{len(self.worse_than_parent)} of {self.promotions} promotions worse",
-                ok,
-                "" if ok else f"worst {pct(worst)}: {detail}",
-            )
-        )
-        return out
-
-
-def summarize(arm: str, recs: list[dict[str, Any]]) -> ArmSummary | None:
-    by_round = {r["round"]: r for r in recs}
-    if 0 not in by_round:
-        return None
-    base = by_round[0]
-    last = max(by_round)
-    final = by_round[last]
-    worse: list[tuple[int, float]] = []
-    for i in sorted(by_round):
-        if i == 0 or not by_round[i].get("promoted") or i - 1 not in by_round:
-            continue
-        change = _rel(by_round[i].get("test_ppl"), by_round[i - 1].get("test_ppl"))
-        if change is not None and change > 0:
-            worse.append((i, change))
-    rounds = [r for i, r in by_round.items() if i > 0]
-    return ArmSummary(
-        arm=arm,
-        rounds=last,
-        promotions=sum(1 for r in rounds if r.get("promoted")),
-        failed=sum(1 for r in rounds if r.get("status") == "failed"),
-        base=base,
-        final=final,
-        test_change=_rel(final.get("test_ppl"), base.get("test_ppl")),
-        unrelated_change=_rel(final.get("unrelated_ppl"), base.get("unrelated_ppl")),
-        distinct2_change=_rel(final.get("distinct_2"), base.get("distinct_2")),
-        repetition_change=_rel(final.get("repetition_rate"), base.get("repetition_rate")),
-        worse_than_parent=worse,
-    )
-
-
-def _arms_in_order(data: dict[str, Any]) -> list[str]:
-    order = list(data.get("meta", {}).get("arm_order", []))
-    for r in data.get("records", []):
-        if r["arm"] not in order:
-            order.append(r["arm"])
-    return [a for a in order if any(r["arm"] == a for r in data.get("records", []))]
-
-
-# --------------------------------------------------------------------------- plot
-
-
-def write_plot(data: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot (pip install -e '.[dev]')")
-        return False
-    fig, ax = plt.subplots(figsize=(8, 5))
-    base_ppl: float | None = None
-    markers = "os^Dvpx*"
-    for n, arm in enumerate(_arms_in_order(data)):
-        recs = sorted((r for r in data["records"] if r["arm"] == arm), key=lambda r: r["round"])
-        pts = [(r["round"], _num(r.get("test_ppl"))) for r in recs]
-        xs = [x for x, y in pts if y is not None and math.isfinite(y)]
-        ys = [y for _, y in pts if y is not None and math.isfinite(y)]
-        if not xs:
-            continue
-        # Distinct markers and some transparency: arms that promote the same weights overlap.
-        (line,) = ax.plot(
-            xs,
-            ys,
-            marker=markers[n % len(markers)],
-            markersize=4,
-            linewidth=1.5,
-            alpha=0.85,
-            label=arm,
-        )
-        promoted = [(r["round"], _num(r.get("test_ppl"))) for r in recs if r.get("promoted")]
-        px = [x for x, y in promoted if y is not None and math.isfinite(y)]
-        py = [y for _, y in promoted if y is not None and math.isfinite(y)]
-        ax.scatter(px, py, s=40, color=line.get_color(), edgecolors="black", zorder=3)
-        if base_ppl is None and recs and recs[0]["round"] == 0:
-            base_ppl = _num(recs[0].get("test_ppl"))
-    if base_ppl is not None and math.isfinite(base_ppl):
-        ax.axhline(base_ppl, color="gray", linestyle="--", linewidth=1, label="base")
-        ax.axhline(
-            base_ppl * (1 - TEST_GAIN),
-            color="gray",
-            linestyle=":",
-            linewidth=1,
-            label="target (base − 5%)",
-        )
-    meta = data.get("meta", {})
-    ax.set_title(f"Test-split perplexity of the champion — {meta.get('base_model', '?')}")
-    ax.set_xlabel("round (0 = base; ● outlined = promoted that round)")
-    ax.set_ylabel("test-split perplexity (lower is better)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 # --------------------------------------------------------------------------- markdown
@@ -321,7 +104,7 @@ def _setup_section(data: dict[str, Any]) -> list[str]:
         "",
     ]
     rows = []
-    for arm in _arms_in_order(data):
+    for arm in arms_in_order(data):
         info = meta.get("arms", {}).get(arm, {})
         ov = info.get("overrides", {})
         ov_text = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in ov.items()) or "(none)"
@@ -350,7 +133,7 @@ def _setup_section(data: dict[str, Any]) -> list[str]:
 
 def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> str:
     meta = data.get("meta", {})
-    arms = _arms_in_order(data)
+    arms = arms_in_order(data)
     summaries = {
         a: s
         for a in arms
@@ -360,10 +143,10 @@ def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> st
         "# Self-update quality study",
         "",
         "Do self-update rounds make the model *better* on held-out real text, or only "
-        "different? (issue 6). Generated by `python -m bench.quality_report` from "
+        "different? (issue 6). Generated by `python -m studies.quality.report` from "
         f"`results.json` ({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; results last "
         f"updated {meta.get('updated_at', '?')}). Rerun the study with "
-        "`python -m bench.quality` (see its `--help`).",
+        "`python -m studies.quality` (see its `--help`).",
         "",
     ]
     lines += _setup_section(data)
@@ -469,9 +252,9 @@ def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> st
                     fmt(r.get("epsilon"), 2),
                     gate,
                     fmt(r.get("test_ppl")),
-                    pct(_rel(r.get("test_ppl"), base and base.get("test_ppl"))),
+                    pct(rel(r.get("test_ppl"), base and base.get("test_ppl"))),
                     fmt(r.get("unrelated_ppl")),
-                    pct(_rel(r.get("unrelated_ppl"), base and base.get("unrelated_ppl"))),
+                    pct(rel(r.get("unrelated_ppl"), base and base.get("unrelated_ppl"))),
                     fmt(r.get("distinct_1")),
                     fmt(r.get("distinct_2")),
                     fmt(r.get("repetition_rate")),
@@ -528,7 +311,7 @@ def write_report(results: Path, report: Path) -> tuple[Path, Path | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.quality_report", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m studies.quality.report", description=__doc__)
     p.add_argument("--results", type=Path, default=Path("docs/quality/results.json"))
     p.add_argument("--report", type=Path, default=Path("docs/quality.md"))
     args = p.parse_args(argv)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 LINEAGE = "default"
-log = logging.getLogger("bench.quality")
+log = logging.getLogger("studies.quality")
 
 
 def slug(text: str) -> str:

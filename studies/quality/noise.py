@@ -5,7 +5,7 @@ fixed prompt set with a fixed sampling seed. This draws the same probe with othe
 *same* weights, so the spread is pure sampling noise: a change between two models smaller than
 it cannot be told apart from chance.
 
-    .venv/bin/python -m bench.quality_noise data/quality/<model>/_base/checkpoints/default/v000001
+    .venv/bin/python -m studies.quality.noise data/quality/<model>/_base/checkpoints/default/v000001
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.quality_measure import DEFAULT_UNRELATED, FULL_MEASURE, MeasureConfig, build_eval_sets
+from studies.quality.measure import DEFAULT_UNRELATED, FULL_MEASURE, MeasureConfig, build_eval_sets
 
-log = logging.getLogger("bench.quality_noise")
+log = logging.getLogger("studies.quality.noise")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.quality_noise", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m studies.quality.noise", description=__doc__)
     ap.add_argument("checkpoint", type=Path, help="a checkpoint directory")
     ap.add_argument("--seeds", default="7,8,9,10,11", help="sampling seeds (7 is the study's)")
     ap.add_argument("--diversity-prompts", type=int, default=FULL_MEASURE.diversity_prompts)

@@ -22,16 +22,15 @@ champion that did not change is not measured twice (the numbers are deterministi
 Results go to ``<out>/results.json`` and ``<out>/results.csv`` after every round, written
 atomically, so a run that is cut off keeps what it finished; ``--resume`` skips the (arm,
 round) pairs already there and picks each arm's store up where it stopped. At the end the
-report (``bench.quality_report``) is written.
+report (``studies.quality.report``) is written.
 
-    .venv/bin/python -m bench.quality --rounds 8 --arms reference,selflm
-    .venv/bin/python -m bench.quality --small --rounds 2 --base-model tiny:llama  # smoke
+    .venv/bin/python -m studies.quality --rounds 8 --arms reference,selflm
+    .venv/bin/python -m studies.quality --small --rounds 2 --base-model tiny:llama  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -44,7 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.quality_measure import (
+from studies.quality.arms import ARMS, DEFAULT_ARMS, arm_params, parse_sets
+from studies.quality.measure import (
     DEFAULT_UNRELATED,
     FULL_MEASURE,
     MEASURE_FIELDS,
@@ -56,8 +56,8 @@ from bench.quality_measure import (
     load_unrelated_documents,
     measure,
 )
-from bench.quality_results import CSV_COLUMNS, Results
-from bench.quality_store import (
+from studies.quality.results import CSV_COLUMNS, Results
+from studies.quality.store import (
     LINEAGE,
     champion_after,
     finished_rounds,
@@ -82,108 +82,9 @@ __all__ = [
     "measure",
 ]
 
-log = logging.getLogger("bench.quality")
+log = logging.getLogger("studies.quality")
 
 RESULTS_VERSION = 1
-
-# Arms: RoundParams overrides on top of the current defaults (so `selflm` is "the defaults").
-ARMS: dict[str, dict[str, Any]] = {
-    # The reference article's loop: random selection, no filters, no replay, no meta-step,
-    # promote when perplexity on the round's own generated valid split improves at all; the
-    # article's learning rate and epochs. Its per-sample batch-1 training is replaced by our
-    # batched trainer (same optimiser family, far less wall time).
-    "reference": {
-        "strategy": "random",
-        "filters": False,
-        "replay_fraction": 0.0,
-        "meta_step": False,
-        "gate": "generated",
-        "promotion_margin": 0.0,
-        "learning_rate": 1e-4,
-        "epochs": 5,
-    },
-    "selflm": {},
-    "no_replay": {"replay_fraction": 0.0},
-    "no_filters": {"filters": False},
-    "no_meta_step": {"meta_step": False},
-    "random": {"strategy": "random"},
-    "diversity": {"strategy": "diversity"},
-    "difficulty": {"strategy": "difficulty"},
-}
-DEFAULT_ARMS = (
-    "reference",
-    "selflm",
-    "no_replay",
-    "no_filters",
-    "no_meta_step",
-    "random",
-    "difficulty",
-)
-
-# --small: every round shrunk to seconds on tiny:llama (smoke runs; numbers mean nothing).
-SMALL_ROUND: dict[str, Any] = {
-    "num_prompts": 3,
-    "samples_per_prompt": 2,
-    "max_new_tokens": 12,
-    "min_words": 3,
-    "train_size": 4,
-    "valid_size": 2,
-    "eval_passages": 3,
-    "diversity_prompts": 2,
-    "epsilon_grid": [0.5, 1.0],
-    "batch_size": 4,
-    "max_length": 48,
-}
-
-
-# --------------------------------------------------------------------------- arms and params
-
-
-def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """``KEY=VALUE`` (every arm; the arm's own overrides win) or ``ARM:KEY=VALUE`` (one arm,
-    wins over everything). VALUE is JSON when it parses as JSON, else a string."""
-    from core.round_params import RoundParams
-
-    common: dict[str, Any] = {}
-    per_arm: dict[str, dict[str, Any]] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE or ARM:KEY=VALUE")
-        key, raw = item.split("=", 1)
-        arm = None
-        if ":" in key:
-            arm, key = key.split(":", 1)
-            if arm not in ARMS:
-                raise ValueError(f"--set {item!r}: unknown arm {arm!r}")
-        if key not in RoundParams.model_fields or key in ("seed", "corpus"):
-            raise ValueError(f"--set {item!r}: {key!r} is not a settable round parameter")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        (per_arm.setdefault(arm, {}) if arm else common)[key] = value
-    return common, per_arm
-
-
-def arm_params(
-    arm: str,
-    seed: int,
-    domain: str | None,
-    small: bool,
-    common: dict[str, Any],
-    per_arm: dict[str, dict[str, Any]],
-) -> Any:
-    """Defaults < --set KEY=V < --small sizes < the arm's overrides < --set ARM:KEY=V."""
-    from core.round_params import RoundParams
-
-    values: dict[str, Any] = {**common}
-    if small:
-        values.update(SMALL_ROUND)
-    values.update(ARMS[arm])
-    values.update(per_arm.get(arm, {}))
-    values["seed"] = seed
-    values["corpus"] = domain
-    return RoundParams(**values)
 
 
 # --------------------------------------------------------------------------- the study
@@ -309,7 +210,7 @@ def _comparable(meta: dict[str, Any]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.quality",
+        prog="python -m studies.quality",
         description="Self-update quality study: N rounds per arm from the same base.",
     )
     p.add_argument("--rounds", type=int, default=8, help="rounds per arm (default 8)")
@@ -452,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not args.no_report:
-        from bench.quality_report import write_report
+        from studies.quality.report import write_report
 
         write_report(results.json_path, args.report)
     return 0

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `bench` lives in the checkout, not in the installed package
+if str(ROOT) not in sys.path:  # `studies` lives in the checkout, not in the installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import quality  # noqa: E402
+from studies.quality import study as quality  # noqa: E402
 
 TOPICS = (
     "assert",
@@ -131,8 +131,8 @@ def test_two_study_processes_share_one_results_file(tmp_path: Path) -> None:
 
 
 def test_probe_noise_runs_several_seeds_on_one_checkpoint(tmp_path: Path) -> None:
-    from bench import quality_noise
     from core.modeling.loader import tiny_model
+    from studies.quality import noise as quality_noise
 
     loaded = tiny_model("llama", seed=0)
     ck = tmp_path / "ck"
