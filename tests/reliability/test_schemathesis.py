@@ -91,13 +91,6 @@ def _schemathesis(url: str, checks: str, report: Path) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, timeout=int(MAX_TIME_S) + 300)
 
 
-@pytest.mark.xfail(
-    reason="known 500s from routes on other branches (issue 12 points 1 and 11): integers "
-    "past 64 bits in /update-rounds/{id}, /checkpoints/{version}/promote and ?offset=, "
-    "temperature 1e-119 in /generate_stream and /v1/completions. strict: once they are "
-    "fixed this XPASSes and fails, so the integrator removes this mark",
-    strict=True,
-)
 def test_no_server_errors(base: str, tmp_path: Path) -> None:
     r = _schemathesis(base, "not_a_server_error", tmp_path)
     assert r.returncode == 0, r.stdout[-12000:]
