@@ -88,7 +88,9 @@ def _schemathesis(url: str, checks: str, report: Path) -> subprocess.CompletedPr
         "--report-dir",
         str(report),
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=int(MAX_TIME_S) + 300)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=int(MAX_TIME_S) + 300, cwd=report
+    )
 
 
 def test_no_server_errors(base: str, tmp_path: Path) -> None:
