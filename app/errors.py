@@ -13,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.interface import (
@@ -177,6 +178,21 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers) if exc.headers else None
         return respond(request, exc.status_code, str(exc.detail), None, headers)
+
+    # The database is unreachable, timed out or out of connections: the service is up but
+    # cannot do this now (503, as the README promises), not broken (500).
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        message = "database unavailable; retry later"
+        return respond(request, 503, message, "unavailable", {"Retry-After": "5"})
+
+    for cls in (
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        sa_exc.DisconnectionError,
+    ):
+        app.add_exception_handler(cls, _database)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

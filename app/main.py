@@ -22,6 +22,7 @@ from app.routes import (
     checkpoint_files,
     checkpoints,
     dashboard,
+    data,
     generate,
     health,
     info,
@@ -36,6 +37,7 @@ from app.state import AppState
 from app.swap import SwapWatcher
 from core import __version__
 from core.db.session import Database, upgrade
+from core.registry import CheckpointRef
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,28 +49,84 @@ INFERENCE_ROUTES = frozenset(
 
 
 def _start(settings: Settings, engine: Engine | None) -> AppState:
-    """Blocking start-up: migrations (SQLite), base checkpoint, engine with the champion."""
+    """Blocking start-up: migrations (SQLite), base checkpoint, engine with the champion.
+
+    A champion whose files are missing or corrupt does not stop the start: the newest
+    previously served version that verifies is served instead, and /health says so (an API
+    that refuses to start leaves nothing to roll back with).
+    """
+    from core.db.liveness import Reaper
     from core.registry import ensure_base_checkpoint
 
     if settings.database_url.startswith("sqlite"):
         upgrade(settings.database_url)  # the embedded start migrates itself
-    db = Database(settings.database_url)
+    db = Database.from_settings(settings)
     champion = ensure_base_checkpoint(settings, db)
     if engine is None:
         from app.engine.torch_engine import TorchEngine
 
         engine = TorchEngine(settings)
-    engine.swap(engine.load(champion))
     state = AppState(settings=settings, db=db, engine=engine)
+    try:
+        loaded = engine.load(champion)
+    except Exception as e:
+        loaded = _load_fallback(settings, db, engine, champion.version, e)
+        state.extras["fallback"] = {
+            "champion_version": champion.version,
+            "serving_version": loaded.info.version,
+            "reason": f"{type(e).__name__}: {e}",
+        }
+    engine.swap(loaded)
     metrics_ = ServingMetrics(StateCollector(state))
     state.extras["metrics"] = metrics_
     if hasattr(engine, "on_batch"):
         engine.on_batch = metrics_.batch_size.observe
     watcher = SwapWatcher(settings, db, engine)
     watcher.start()
+    reaper = Reaper(
+        db,
+        every_s=settings.reaper_interval_s,
+        worker_stale_after_s=settings.worker_stale_after_s,
+        queued_ttl_s=settings.round_queued_ttl_s,
+        round_stale_after_s=settings.round_stale_after_s,
+    ).start()
     state.extras["watcher"] = watcher
-    state.extras["on_shutdown"] = [watcher.stop]
+    state.extras["reaper"] = reaper
+    state.extras["on_shutdown"] = [watcher.stop, reaper.stop]
     return state
+
+
+def _load_fallback(
+    settings: Settings, db: Database, engine: Engine, champion: int, error: Exception
+) -> Any:
+    """The newest earlier-served version (retired) that verifies and loads; else re-raise."""
+    from sqlalchemy import select
+
+    from core.db.models import Checkpoint
+
+    log.error("champion v%d cannot be served (%s); looking for a fallback", champion, error)
+    with db.session() as s:
+        rows = [
+            CheckpointRef.of(row)
+            for row in s.scalars(
+                select(Checkpoint)
+                .where(
+                    Checkpoint.lineage == settings.lineage,
+                    Checkpoint.version != champion,
+                    Checkpoint.status.in_(("retired", "champion")),
+                )
+                .order_by(Checkpoint.version.desc())
+            )
+        ]
+    for ref in rows:
+        try:
+            loaded = engine.load(ref)
+        except Exception as e:
+            log.warning("fallback v%d is not usable either: %s", ref.version, e)
+            continue
+        log.error("SERVING FALLBACK v%d: champion v%d is missing or corrupt", ref.version, champion)
+        return loaded
+    raise error
 
 
 def _docs(app: FastAPI) -> None:
@@ -156,6 +214,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(checkpoint_files.router)  # weights: the admin key (its own dependency)
     app.include_router(info.router, dependencies=[Depends(require_access("reads"))])
     app.include_router(dashboard.router)  # the page is static; its data calls carry the key
+    app.include_router(data.router)  # uploads: the admin key; listing: its own dependency
     openapi.install(app)  # the real error responses in the document (app/openapi.py)
     _docs(app)
     return app

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import Request
 
 from app.engine.interface import Engine
+from app.errors import ApiError
 from core.db.session import Database
 from core.settings import Settings
 
@@ -20,6 +21,10 @@ class AppState:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def get_state(request: Request) -> AppState:
-    state: AppState = request.app.state.selflm
+async def get_state(request: Request) -> AppState:
+    """Async on purpose: a sync dependency would take a worker thread from the same pool the
+    routes' database calls use, so a hung database could starve `/generate`."""
+    state: AppState | None = getattr(request.app.state, "selflm", None)
+    if state is None:
+        raise ApiError(503, "the service is starting", "unavailable")
     return state

@@ -52,8 +52,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_client(settings: Settings) -> Celery:
+    """The API's sending side. Every broker operation is bounded by broker_timeout_s: a
+    blackholed Redis (connections open, nothing answered) must fail the request with 503,
+    not hang it for minutes."""
     client = Celery("selflm-client", set_as_current=False)
-    client.conf.update(celery_config(settings))
+    conf = celery_config(settings)
+    t = settings.broker_timeout_s
+    conf["broker_connection_timeout"] = t
+    if not settings.uses_filesystem_broker:
+        conf["broker_transport_options"] = {
+            **conf["broker_transport_options"],
+            "socket_timeout": t,
+            "socket_connect_timeout": t,
+            "socket_keepalive": True,
+            "retry_on_timeout": False,
+            "health_check_interval": 0,
+        }
+    client.conf.update(conf)
     return client
 
 

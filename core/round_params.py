@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.datafiles import DataFileError, check_name
+
 # One explicit prompt, in characters (the count is capped by `prompts`' max_length).
 MAX_PROMPT_CHARS = 16_384
 
@@ -19,7 +21,11 @@ class RoundParams(BaseModel):
     # generate
     prompts: list[str] | None = Field(default=None, description="explicit prompts", max_length=512)
     prompt_source: Literal["corpus", "served", "file"] = "corpus"
-    prompt_file: str | None = None
+    prompt_file: str | None = Field(
+        default=None,
+        description="name of a file in the server's round data directory (see PUT /data)",
+        max_length=255,
+    )
     num_prompts: int = Field(default=16, ge=1, le=512)
     samples_per_prompt: int = Field(default=4, ge=1, le=32)
     max_new_tokens: int = Field(default=48, ge=4, le=512)
@@ -41,7 +47,12 @@ class RoundParams(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=256)
     max_length: int = Field(default=256, ge=16, le=4096)
     # evaluate
-    corpus: str | None = Field(default=None, description="domain corpus; default pydoc topics")
+    corpus: str | None = Field(
+        default=None,
+        description="'pydoc' (default) or the name of a file or folder in the round data "
+        "directory (see PUT /data); never a server path",
+        max_length=255,
+    )
     eval_passages: int = Field(default=32, ge=1, le=5000)
     diversity_prompts: int = Field(default=24, ge=1, le=256)
     # meta-step and decide
@@ -68,6 +79,17 @@ class RoundParams(BaseModel):
             except UnicodeEncodeError as e:
                 raise ValueError(f"item {i} is not valid Unicode (lone surrogate)") from e
         return v
+
+    @field_validator("prompt_file", "corpus")
+    @classmethod
+    def _data_name(cls, v: str | None) -> str | None:
+        # Syntactic only: the API never looks at the filesystem for a request's names.
+        if v is None or v == "pydoc":
+            return v
+        try:
+            return check_name(v)
+        except DataFileError as e:
+            raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
     def _check(self) -> RoundParams:

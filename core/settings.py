@@ -98,6 +98,27 @@ class Settings(BaseSettings):
     # Progress inside a stage is written to the round row at most this often.
     progress_interval_s: float = Field(default=1.0, gt=0)
 
+    # Reliability (docs/reliability.md). A queued round nobody picked up within this is failed.
+    round_queued_ttl_s: float = Field(default=3600.0, gt=0)
+    # How often the reaper (in the API and in each worker) fails/expires abandoned rounds.
+    reaper_interval_s: float = Field(default=30.0, gt=0)
+    # Worker heartbeat period; a worker silent for worker_stale_after_s is taken to be dead.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    worker_stale_after_s: float = Field(default=30.0, gt=0)
+    # Round data: names in round bodies resolve inside this directory only (default
+    # <data>/rounds), read with these limits; uploads through PUT /data/{name} land here.
+    round_data_dir: str | None = None
+    round_data_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Database: connect and statement timeouts (PostgreSQL), connection-pool wait (seconds).
+    db_connect_timeout_s: int = Field(default=5, ge=1)
+    db_statement_timeout_s: float = Field(default=15.0, gt=0)
+    db_pool_timeout_s: float = Field(default=5.0, gt=0)
+    # Broker/Redis: how long enqueueing or announcing may take before it is a 503.
+    broker_timeout_s: float = Field(default=5.0, gt=0)
+    # `selflm serve` on a non-loopback interface needs SELFLM_API_KEYS unless this is set
+    # (for a deployment behind its own authenticating proxy).
+    allow_public_without_keys: bool = False
+
     @field_validator("open_routes")
     @classmethod
     def _open_routes(cls, v: str) -> str:
@@ -123,6 +144,15 @@ class Settings(BaseSettings):
     def data_dir(self) -> Path:
         """Directory for embedded state: the parent of the checkpoint store."""
         return Path(self.checkpoint_dir).parent
+
+    @property
+    def round_data_path(self) -> Path:
+        """The allow-listed directory round data names resolve in."""
+        return (
+            Path(_cwd_path(self.round_data_dir))
+            if self.round_data_dir
+            else self.data_dir / "rounds"
+        )
 
     @property
     def effective_broker_url(self) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Annotated
@@ -13,6 +11,7 @@ from typing import Annotated
 import typer
 
 from core.settings import Settings
+from selflm.supervise import WorkerSupervisor, exit_on_sigterm, public_bind_error
 
 log = logging.getLogger("selflm")
 
@@ -32,32 +31,6 @@ def cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-def start_worker_process(settings: Settings) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    # Pin what the API resolved (absolute paths) so both processes see the same state.
-    env.update(
-        SELFLM_DATABASE_URL=settings.database_url,
-        SELFLM_CHECKPOINT_DIR=settings.checkpoint_dir,
-        SELFLM_BROKER_URL=settings.broker_url,
-        SELFLM_BASE_MODEL=settings.base_model,
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "selflm.cli", "worker"], env=env, start_new_session=True
-    )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    if proc.poll() is not None:
-        return
-    # Warm shutdown first (Celery finishes or requeues the task), then force.
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def cmd_serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
@@ -65,19 +38,25 @@ def cmd_serve(settings: Settings, host: str, port: int) -> int:
     from core.db.session import Database, upgrade
     from core.registry import ensure_base_checkpoint
 
+    refused = public_bind_error(settings, host)
+    if refused is not None:
+        log.error("%s", refused)
+        print(f"selflm: {refused}", file=sys.stderr)
+        return 2
     if settings.database_url.startswith("sqlite"):
         upgrade(settings.database_url)
     db = Database(settings.database_url)
     ensure_base_checkpoint(settings, db)  # before the worker starts: one importer
     db.dispose()
-    worker = start_worker_process(settings) if settings.is_embedded else None
-    if worker is not None:
-        log.info("started embedded Celery worker (pid %d)", worker.pid)
+    exit_on_sigterm()
+    supervisor = WorkerSupervisor(settings).start() if settings.is_embedded else None
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+        app = create_app(settings)
+        app.state.worker_supervisor = supervisor
+        uvicorn.run(app, host=host, port=port, log_config=None)
     finally:
-        if worker is not None:
-            stop_process(worker)
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 

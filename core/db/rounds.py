@@ -7,15 +7,16 @@ redelivered message either resumes a round whose worker died or does nothing.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
+import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Update, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from core.db.liveness import WORKER_STALE_AFTER_S, aware, beat, owner_dead, pid_gone, worker_id
 from core.db.models import RoundMetric, ServedPrompt, UpdateRound, utcnow
 from core.db.session import Database
 
@@ -28,10 +29,6 @@ class RoundConflictError(RuntimeError):
     def __init__(self, active_id: int) -> None:
         super().__init__(f"round {active_id} is already queued or running for this lineage")
         self.active_id = active_id
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def active_round(db: Database, lineage: str) -> UpdateRound | None:
@@ -103,10 +100,24 @@ def list_rounds(
         return rows, int(total or 0)
 
 
-def claim(db: Database, round_id: int, stale_after_s: float) -> bool:
-    """queued → running (or take over a running round whose heartbeat is stale)."""
+def claim(
+    db: Database,
+    round_id: int,
+    stale_after_s: float,
+    worker_stale_after_s: float = WORKER_STALE_AFTER_S,
+) -> bool:
+    """queued → running, or take over a running round whose owner is dead.
+
+    Each claim writes a fresh `claim_token`; a takeover is a compare-and-swap on the token it
+    saw, so two redeliveries cannot both win. The owner is dead when its process is gone
+    (same host) or its *worker* heartbeat is older than `worker_stale_after_s` — a fresh round
+    heartbeat does not keep a dead owner's round (the old bug dropped redeliveries for 5
+    minutes). `stale_after_s` (the round's own heartbeat) is the fallback for owners that
+    never wrote a worker heartbeat.
+    """
+    beat(db, "round", round_id)  # visible as alive before we own anything
     now = utcnow()
-    cutoff = now - timedelta(seconds=stale_after_s)
+    token = uuid.uuid4().hex
     values = dict(
         status="running",
         started_at=now,
@@ -115,6 +126,7 @@ def claim(db: Database, round_id: int, stale_after_s: float) -> bool:
         attempts=UpdateRound.attempts + 1,
         stage="starting",
         progress=0.0,
+        claim_token=token,
     )
     with db.session() as s:
         res = s.execute(
@@ -124,21 +136,44 @@ def claim(db: Database, round_id: int, stale_after_s: float) -> bool:
         )
         if res.rowcount:  # type: ignore[attr-defined]
             return True
+        row = s.execute(
+            select(
+                UpdateRound.status,
+                UpdateRound.worker_id,
+                UpdateRound.claim_token,
+                UpdateRound.heartbeat_at,
+            ).where(UpdateRound.id == round_id)
+        ).first()
+    if row is None or row.status != "running" or row.worker_id == worker_id():
+        return False
+    dead = owner_dead(db, row.worker_id, worker_stale_after_s)
+    if dead and not pid_gone(row.worker_id or ""):
+        # No process check possible (another host): also require the round itself to be
+        # quiet for a worker-staleness period, so a slow heartbeat writer is not robbed.
+        hb = aware(row.heartbeat_at)
+        dead = hb is None or hb < utcnow() - timedelta(seconds=worker_stale_after_s)
+    if not dead:
+        hb = aware(row.heartbeat_at)
+        dead = hb is not None and hb < utcnow() - timedelta(seconds=stale_after_s)
+    if not dead:
+        return False
+    with db.session() as s:
+        guard = (
+            UpdateRound.claim_token == row.claim_token
+            if row.claim_token is not None
+            else UpdateRound.claim_token.is_(None)
+        )
         res = s.execute(
             update(UpdateRound)
-            .where(
-                UpdateRound.id == round_id,
-                UpdateRound.status == "running",
-                UpdateRound.heartbeat_at < cutoff,
-            )
+            .where(UpdateRound.id == round_id, UpdateRound.status == "running", guard)
             .values(**values)
         )
-        if res.rowcount:  # type: ignore[attr-defined]
-            # A redelivery after the first worker died: start the round over, cleanly.
-            s.query(RoundMetric).filter(RoundMetric.round_id == round_id).delete()
-            log.warning("round %d: taking over from a worker that stopped", round_id)
-            return True
-    return False
+        if not res.rowcount:  # type: ignore[attr-defined]
+            return False
+        # A redelivery after the first worker died: start the round over, cleanly.
+        s.query(RoundMetric).filter(RoundMetric.round_id == round_id).delete()
+    log.warning("round %d: taking over from %s, which stopped", round_id, row.worker_id)
+    return True
 
 
 def set_progress(db: Database, round_id: int, stage: str, progress: float) -> None:
@@ -178,8 +213,25 @@ def add_metrics(
         )
 
 
-def finish(db: Database, round_id: int, status: str, **values: Any) -> None:
-    update_round(db, round_id, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
+def finish(
+    db: Database, round_id: int, status: str, retry_for_s: float = 60.0, **values: Any
+) -> None:
+    """Record a round's end. Retried through a database blip (backoff up to `retry_for_s`):
+    a failure that is not recorded would leave the round "running" until the reaper sees
+    its worker gone."""
+    delay, deadline = 0.5, time.monotonic() + retry_for_s
+    while True:
+        try:
+            update_round(
+                db, round_id, status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values
+            )
+            return
+        except SQLAlchemyError:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("round %d: could not record %s; retrying", round_id, status, exc_info=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def cancel(db: Database, round_id: int) -> bool:
@@ -217,7 +269,7 @@ class RoundCancelled(RuntimeError):
 class Heartbeat:
     """Keeps `heartbeat_at` fresh while a long stage runs, from a side thread."""
 
-    def __init__(self, db: Database, round_id: int, every_s: float = 10.0) -> None:
+    def __init__(self, db: Database, round_id: int, every_s: float = 5.0) -> None:
         self._db, self._id, self._every = db, round_id, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="round-heartbeat")
@@ -234,6 +286,7 @@ class Heartbeat:
         while not self._stop.wait(self._every):
             try:
                 heartbeat(self._db, self._id)
+                beat(self._db, "round", self._id)
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
 

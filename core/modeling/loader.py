@@ -143,7 +143,24 @@ def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     _ensure_pad(tok)
     model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.to(device).eval()
+    if device.type == "cpu":
+        own_memory(model)
     return LoadedBase(model=model, tokenizer=tok, source=str(path))
+
+
+def own_memory(model: Any) -> None:
+    """Copy every CPU tensor out of the safetensors file mapping into process memory.
+
+    On CPU, safetensors tensors can stay memory-mapped from the checkpoint file: truncating
+    that file then kills the process with SIGBUS, and overwriting it silently changes the
+    weights being served. After this the served weights are the process's own (the file is
+    only read once, right after it was verified). Tied parameters stay tied: each shared
+    Parameter object is visited once.
+    """
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
 
 
 def load_base(spec: str) -> LoadedBase:

@@ -20,11 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import datafiles
+
 __all__ = [
     "PYDOC_MIN_CHARS",
     "Corpus",
     "load_corpus",
     "load_documents",
+    "load_prompt_file",
     "passages",
     "prompts_from",
     "split_corpus",
@@ -74,14 +77,14 @@ def _pydoc_documents() -> list[str]:
     return [d for d in docs if len(d) >= PYDOC_MIN_CHARS]
 
 
-def _read(path: Path) -> str:
-    # errors="replace": one stray byte in a user's corpus should not fail a whole round.
-    return path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+def _read(path: Path, max_bytes: int = datafiles.MAX_FILE_BYTES) -> str:
+    # Regular files only (a FIFO would hang the worker), at most max_bytes.
+    return datafiles.read_text(path, max_bytes)
 
 
-def _jsonl_documents(path: Path) -> list[str]:
+def _jsonl_documents(path: Path, max_bytes: int = datafiles.MAX_FILE_BYTES) -> list[str]:
     docs: list[str] = []
-    for lineno, line in enumerate(_read(path).splitlines(), start=1):
+    for lineno, line in enumerate(_read(path, max_bytes).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -95,7 +98,9 @@ def _jsonl_documents(path: Path) -> list[str]:
     return docs
 
 
-def load_documents(source: str | None) -> tuple[str, list[str]]:
+def load_documents(
+    source: str | None, root: Path | None = None, max_bytes: int = datafiles.MAX_FILE_BYTES
+) -> tuple[str, list[str]]:
     """Read a corpus source into ``(name, documents)``.
 
     ``None`` or ``"pydoc"``: CPython's documentation topics, one document per topic. A
@@ -103,29 +108,41 @@ def load_documents(source: str | None) -> tuple[str, list[str]]:
     document. A ``.jsonl`` file: the ``"text"`` field of each line. Any other file: documents
     separated by a line holding only ``\\f`` or by two or more blank lines.
 
+    With ``root`` (what rounds pass: the operator's round data directory) ``source`` is a
+    data *name* resolved inside it (:mod:`core.datafiles`); without it, a trusted local path
+    (benchmarks, tests). Either way only regular files are read, each up to ``max_bytes``.
+
     Raises ``ValueError`` when the path does not exist or yields no documents.
     """
     if source is None or source == "pydoc":
         name, docs = "pydoc", _pydoc_documents()
     else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise ValueError(f"corpus source {source!r} does not exist")
-        if path.is_dir():
-            files = sorted(
-                (p for p in path.rglob("*") if p.is_file() and p.suffix in _DIR_SUFFIXES),
-                key=lambda p: p.relative_to(path).as_posix(),
-            )
-            name, docs = path.name, [_read(p).strip() for p in files]
-        elif path.suffix == ".jsonl":
-            name, docs = path.stem, _jsonl_documents(path)
+        if root is not None:
+            path = datafiles.resolve(root, source)
         else:
-            name, docs = path.stem, [d.strip() for d in _DOC_SEPARATOR.split(_read(path))]
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise ValueError(f"corpus source {source!r} does not exist")
+        if path.is_dir():
+            files = datafiles.regular_files(path, _DIR_SUFFIXES)
+            name, docs = path.name, [_read(p, max_bytes).strip() for p in files]
+        elif path.suffix == ".jsonl":
+            name, docs = path.stem, _jsonl_documents(path, max_bytes)
+        else:
+            text = _read(path, max_bytes)
+            name, docs = path.stem, [d.strip() for d in _DOC_SEPARATOR.split(text)]
         docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"corpus source {source or 'pydoc'!r} contains no documents")
     log.debug("corpus %s: %d documents", name, len(docs))
     return name, docs
+
+
+def load_prompt_file(root: Path, name: str, limit: int, max_bytes: int) -> list[str]:
+    """The first `limit` non-empty lines of data file `name` in the round data directory."""
+    path = datafiles.resolve(root, name)
+    lines = [x.strip() for x in _read(path, max_bytes).splitlines()]
+    return [x for x in lines if x][:limit]
 
 
 def split_corpus(
@@ -183,9 +200,11 @@ def load_corpus(
     seed: int = 1234,
     dev_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    root: Path | None = None,
+    max_bytes: int = datafiles.MAX_FILE_BYTES,
 ) -> Corpus:
     """:func:`load_documents` then :func:`split_corpus`."""
-    name, docs = load_documents(source)
+    name, docs = load_documents(source, root, max_bytes)
     return split_corpus(name, docs, seed, dev_fraction, test_fraction)
 
 

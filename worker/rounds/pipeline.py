@@ -56,12 +56,12 @@ class Round:
         if champion is None:
             raise RuntimeError("no champion checkpoint: start the API once to import it")
         records.update_round(self.db, self.id, base_version=champion.version)
-        ready = stages.prepare(champion, settings.device, p)
+        ready = stages.prepare(champion, settings, p)
         records.add_metrics(self.db, self.id, mn.DATA, ready.metrics())
         model, tok = ready.model, ready.tokenizer
 
         with self.stage(mn.GENERATE) as st:
-            prompts = stages.round_prompts(self.db, lineage, p, ready.corpus, self.rng)
+            prompts = stages.round_prompts(self.db, settings, p, ready.corpus, self.rng)
             gen = st.result(stages.generate(model, tok, prompts, p, st.tick))
 
         with self.stage(mn.SELECT) as st:
@@ -128,7 +128,12 @@ class Round:
 
 def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome | None:
     """Claim and run one round. Returns None when another delivery owns it."""
-    if not records.claim(db, round_id, stale_after_s=settings.round_stale_after_s):
+    if not records.claim(
+        db,
+        round_id,
+        stale_after_s=settings.round_stale_after_s,
+        worker_stale_after_s=settings.worker_stale_after_s,
+    ):
         log.info("round %d not claimable (already taken or finished); skipping", round_id)
         return None
     row = records.get_round(db, round_id)

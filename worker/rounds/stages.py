@@ -14,7 +14,6 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,16 @@ from core.db.session import Database
 from core.modeling.device import pick_device
 from core.registry import CheckpointRef
 from core.round_params import RoundParams
-from worker.rounds.data import SPLIT_SEED, Corpus, eval_sample, load_corpus, passages, prompts_from
+from core.settings import Settings
+from worker.rounds.data import (
+    SPLIT_SEED,
+    Corpus,
+    eval_sample,
+    load_corpus,
+    load_prompt_file,
+    passages,
+    prompts_from,
+)
 from worker.rounds.evaluate import encode_texts, per_sample_loss
 from worker.rounds.generate import GenerateResult, generate_samples
 from worker.rounds.metastep import state_copy
@@ -65,10 +73,16 @@ class Prepared:
         }
 
 
-def prepare(champion: CheckpointRef, device: str, p: RoundParams) -> Prepared:
-    loaded = registry.open(champion, pick_device(device), torch.float32)
+def prepare(champion: CheckpointRef, settings: Settings, p: RoundParams) -> Prepared:
+    loaded = registry.open(champion, pick_device(settings.device), torch.float32)
     tok = loaded.tokenizer
-    corpus = load_corpus(p.corpus, seed=SPLIT_SEED)
+    # A named corpus is read from the operator's round data directory only (datafiles).
+    corpus = load_corpus(
+        p.corpus,
+        seed=SPLIT_SEED,
+        root=settings.round_data_path,
+        max_bytes=settings.round_data_max_bytes,
+    )
     return Prepared(
         champion=champion,
         model=loaded.model,
@@ -80,17 +94,18 @@ def prepare(champion: CheckpointRef, device: str, p: RoundParams) -> Prepared:
 
 
 def round_prompts(
-    db: Database, lineage: str, p: RoundParams, corpus: Corpus, rng: random.Random
+    db: Database, settings: Settings, p: RoundParams, corpus: Corpus, rng: random.Random
 ) -> list[str]:
     """The prompts the round samples from: given, from a file, served, or the corpus."""
     if p.prompts:
         return [x for x in p.prompts if x.strip()]
     if p.prompt_source == "file":
         assert p.prompt_file is not None
-        lines = [x.strip() for x in Path(p.prompt_file).read_text().splitlines()]
-        return [x for x in lines if x][: p.num_prompts]
+        return load_prompt_file(
+            settings.round_data_path, p.prompt_file, p.num_prompts, settings.round_data_max_bytes
+        )
     if p.prompt_source == "served":
-        served = records.served_prompts(db, lineage, p.num_prompts)
+        served = records.served_prompts(db, settings.lineage, p.num_prompts)
         if served:
             return served
         log.info("no served prompts recorded; using the corpus")
