@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from app.engine import surface
 from app.engine.admission import ServiceMeter, abandon_signal, check_admission, request_error
 from app.engine.admission import deadline as request_deadline
 from app.engine.interface import (
@@ -37,9 +38,9 @@ from app.engine.interface import (
 )
 from app.limits import current_request
 from core import registry
-from core.modeling.decode import Row, aborted, decode_batch, prompt_logprobs, token_details
+from core.modeling.decode import Row, aborted, decode_batch, token_details
 from core.modeling.device import dtype_name, pick_device, pick_dtype
-from core.modeling.params import SamplingParams, TokenInfo, TopToken
+from core.modeling.params import SamplingParams, TopToken
 from core.registry import CheckpointRef
 from core.settings import Settings
 from core.store import weights_bytes
@@ -462,52 +463,20 @@ class TorchEngine:
 
     def tokenize(self, text: str) -> list[tuple[int, str, int, int]]:
         """TGI's /tokenize: (id, text, start, stop) per token, offsets into `text`."""
-        tok = self.current().tokenizer
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [
-            (int(i), text[a:b], int(a), int(b))
-            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-        ]
+        return surface.tokenize(self.current().tokenizer, text)
 
     def decode_tokens(self, ids: list[int]) -> dict[int, str]:
-        tok = self.current().tokenizer
-        return {i: tok.decode([i], skip_special_tokens=False) for i in ids}
+        return surface.decode_tokens(self.current().tokenizer, ids)
 
     def prompt_details(self, prompt: str, params: SamplingParams) -> PromptDetails:
         """Prompt tokens with their log-probabilities (runs in the caller's thread)."""
         cur = self.current()
         ids = self._prompt_ids(cur, prompt, params)
-        lps, tops = prompt_logprobs(cur.model, ids, params.top_n_tokens)
-        special = set(cur.tokenizer.all_special_ids)
-        out: list[TokenInfo] = []
-        done: list[int] = []
-        text = ""
-        for t, lp, top in zip(ids, lps, tops, strict=True):
-            done.append(t)
-            full = cur.tokenizer.decode(done, skip_special_tokens=False)
-            piece, text = full[len(text) :], full
-            # TGI sends the first prefill token's logprob as null (NaN on the wire is invalid).
-            out.append(
-                TokenInfo(
-                    id=t,
-                    text=piece,
-                    logprob=lp if lp is not None else float("nan"),
-                    special=t in special,
-                    top=top,
-                )
-            )
-        return PromptDetails(tokens=out)
+        return surface.prompt_details(cur.model, cur.tokenizer, ids, params.top_n_tokens)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages with the serving checkpoint's chat template."""
-        tok = self.current().tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise EngineValidationError("the served checkpoint has no chat template")
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # a template may refuse a conversation (e.g. role order)
-            raise EngineValidationError(f"chat template: {e}") from e
-        return str(text)
+        return surface.chat_prompt(self.current().tokenizer, messages)
 
 
 def _timed(
