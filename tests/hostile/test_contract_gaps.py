@@ -181,7 +181,14 @@ def test_openapi_lists_the_real_error_responses(client: Any) -> None:
     for code in (413, 422, 429, 500, 503, 504):
         assert ref(gen, code) == "ErrorResponse"
     assert "Retry-After" in gen["responses"]["429"]["headers"]
-    assert ref(doc["paths"]["/v1/completions"]["post"], 422) == "OpenAIErrorResponse"
+    completions = doc["paths"]["/v1/completions"]["post"]
+    assert ref(completions, 400) == ref(completions, 404) == "OpenAIErrorResponse"
+    assert "422" not in completions["responses"]  # /v1 answers an invalid request with 400
+    assert "text/event-stream" in completions["responses"]["200"]["content"]
+    assert set(doc["paths"]["/generate_stream"]["post"]["responses"]["200"]["content"]) == {
+        "text/event-stream"
+    }
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     one = doc["paths"]["/update-rounds/{round_id}"]["get"]
     assert ref(one, 404) == ref(one, 422) == "ErrorResponse"
     assert ref(doc["paths"]["/checkpoints/{version}/promote"]["post"], 409) == "ErrorResponse"

@@ -98,11 +98,6 @@ def test_no_server_errors(base: str, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-12000:]
 
 
-@pytest.mark.xfail(
-    reason="issue 12 point 11: the OpenAPI document does not yet list the error responses "
-    "or their TGI/OpenAI schemas (another branch); strict: remove this mark when it does",
-    strict=True,
-)
 def test_responses_match_the_document(base: str, tmp_path: Path) -> None:
     r = _schemathesis(
         base,
