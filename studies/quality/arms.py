@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # Arms: RoundParams overrides on top of the current defaults (so `selflm` is "the defaults").
@@ -100,5 +101,7 @@ def arm_params(
     values.update(ARMS[arm])
     values.update(per_arm.get(arm, {}))
     values["seed"] = seed
-    values["corpus"] = domain
+    # A round names its corpus inside the round data directory (the study sets
+    # SELFLM_ROUND_DATA_DIR to the domain's folder); "pydoc" and None are built in.
+    values["corpus"] = domain if domain in (None, "pydoc") else Path(domain).name
     return RoundParams(**values)

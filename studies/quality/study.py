@@ -268,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--rounds must be at least 1")
     if args.domain is not None and args.domain != "pydoc":
         args.domain = str(Path(args.domain).expanduser().resolve())
+        # Rounds read named data only from the round data directory (core/datafiles.py):
+        # the study, as the operator, points it at the domain's folder.
+        os.environ["SELFLM_ROUND_DATA_DIR"] = str(Path(args.domain).parent)
     common, per_arm = parse_sets(args.sets)
     base_cfg = SMALL_MEASURE if args.small else FULL_MEASURE
     overrides = {

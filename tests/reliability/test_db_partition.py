@@ -53,7 +53,8 @@ def _db_routes(client: TestClient) -> dict[str, int]:
     return {
         "rounds": client.get("/update-rounds").status_code,
         "checkpoints": client.get("/checkpoints").status_code,
-        "metrics": client.get("/metrics").status_code,
+        # The JSON report reads the database; the Prometheus text stays up (see below).
+        "metrics": client.get("/metrics", headers={"accept": "application/json"}).status_code,
     }
 
 
@@ -78,6 +79,9 @@ def test_partition_keeps_inference_and_turns_db_routes_into_503(
         assert body["error_type"] == "unavailable" and "database" in body["error"]
         assert db_replies[0].headers.get("retry-after")
         assert set(_db_routes(client).values()) == {503}
+        # Serving metrics are still scraped; the round numbers say the database is gone.
+        scrape = client.get("/metrics")
+        assert scrape.status_code == 200 and "selflm_database_up 0.0" in scrape.text
         h = client.get("/health")
         assert h.status_code == 200 and h.json()["status"] == "degraded"
         assert h.json()["database"] is False
