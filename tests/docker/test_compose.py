@@ -282,16 +282,16 @@ def _headers(stack: Stack) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-def _served_version(url: str) -> int:
-    r = httpx.post(f"{url}/generate", json=GENERATE, timeout=120)
+def _served_version(url: str, headers: dict[str, str]) -> int:
+    r = httpx.post(f"{url}/generate", json=GENERATE, headers=headers, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["generated_text"]
     return int(r.headers["x-model-version"])
 
 
-def _wait_version(url: str, version: int, timeout: float = 300) -> None:
+def _wait_version(url: str, version: int, headers: dict[str, str], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while (seen := _served_version(url)) != version:
+    while (seen := _served_version(url, headers)) != version:
         assert time.monotonic() < deadline, f"{url} serves v{seen}, not v{version}"
         time.sleep(2)
 
@@ -330,11 +330,13 @@ def test_migrate_ran_once_and_exited_zero(stack: Stack) -> None:
 
 def test_generate_on_the_published_port(stack: Stack) -> None:
     url = _single_api(stack)
+    # Secure default: with the keys from .env, inference wants one too (app/auth.py).
     r = httpx.post(f"{url}/generate", json=GENERATE, timeout=120)
+    assert r.status_code == 401, r.text
+    r = httpx.post(f"{url}/generate", json=GENERATE, headers=_headers(stack), timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["generated_text"]
     state["base_version"] = int(r.headers["x-model-version"])
-    # Secure default: the mutating routes want the key from .env.
     r = httpx.post(f"{url}/update-rounds", json={}, timeout=30)
     assert r.status_code == 401, r.text
     assert r.json()["error_type"]
@@ -349,7 +351,7 @@ def test_round_runs_in_the_worker_container_and_the_api_swaps(stack: Stack) -> N
     rid = r.json()["id"]
     deadline = time.monotonic() + 1200
     while True:
-        body = httpx.get(f"{url}/update-rounds/{rid}", timeout=30).json()
+        body = httpx.get(f"{url}/update-rounds/{rid}", headers=_headers(stack), timeout=30).json()
         if body["status"] in ("succeeded", "failed", "cancelled"):
             break
         assert time.monotonic() < deadline, body
@@ -361,14 +363,14 @@ def test_round_runs_in_the_worker_container_and_the_api_swaps(stack: Stack) -> N
     assert body["worker_id"].split(":")[0] == inspect(worker)["Config"]["Hostname"]
     champion = int(body["candidate_version"])
     assert champion > state["base_version"]
-    _wait_version(url, champion)
+    _wait_version(url, champion, _headers(stack))
     state.update(round_id=rid, champion=champion)
 
 
 def test_restarted_api_serves_the_same_champion(stack: Stack) -> None:
     stack.run("restart", "api")
     stack.wait_healthy(stack.containers("api"))
-    assert _served_version(_single_api(stack)) == state["champion"]
+    assert _served_version(_single_api(stack), _headers(stack)) == state["champion"]
 
 
 def test_two_api_replicas_serve_the_champion(stack: Stack) -> None:
@@ -379,13 +381,14 @@ def test_two_api_replicas_serve_the_champion(stack: Stack) -> None:
     urls = stack.api_urls()
     assert len(set(urls)) == 2, urls
     for url in urls:
-        assert _served_version(url) == state["champion"], url
+        assert _served_version(url, _headers(stack)) == state["champion"], url
 
 
 def test_down_and_up_keep_rounds_and_checkpoints(stack: Stack) -> None:
     url = _single_api(stack) if len(stack.api_urls()) == 1 else stack.api_urls()[0]
-    rounds_before = httpx.get(f"{url}/update-rounds", timeout=30).json()
-    checkpoints_before = httpx.get(f"{url}/checkpoints", timeout=30).json()
+    auth = _headers(stack)
+    rounds_before = httpx.get(f"{url}/update-rounds", headers=auth, timeout=30).json()
+    checkpoints_before = httpx.get(f"{url}/checkpoints", headers=auth, timeout=30).json()
     stack.run("down")
     assert not stack.containers()
     # The named volumes stay, and nothing else is left behind (no anonymous volumes).
@@ -394,13 +397,13 @@ def test_down_and_up_keep_rounds_and_checkpoints(stack: Stack) -> None:
     stack.run("up", "-d")
     stack.wait_healthy(stack.containers())
     url = _single_api(stack)
-    assert httpx.get(f"{url}/update-rounds", timeout=30).json() == rounds_before
-    checkpoints = httpx.get(f"{url}/checkpoints", timeout=30).json()
+    assert httpx.get(f"{url}/update-rounds", headers=auth, timeout=30).json() == rounds_before
+    checkpoints = httpx.get(f"{url}/checkpoints", headers=auth, timeout=30).json()
     assert checkpoints["champion_version"] == state["champion"]
     assert [c["version"] for c in checkpoints["items"]] == [
         c["version"] for c in checkpoints_before["items"]
     ]
-    assert _served_version(url) == state["champion"]
+    assert _served_version(url, auth) == state["champion"]
     # The checkpoint files themselves are on the volume, not only their rows.
     (api,) = stack.containers("api")
     listing = docker("exec", api, "ls", "/data/checkpoints/default").split()
