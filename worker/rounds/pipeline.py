@@ -28,6 +28,7 @@ from worker.rounds.diversity_gate import DiversityCache, Probe
 from worker.rounds.peak_rss import PeakRss
 from worker.rounds.progress import Progress, Stage, stage
 from worker.rounds.promotion import promote_candidate
+from worker.rounds.weights_file import swapped_in
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,14 @@ class Round:
                     self.rng,
                     st.tick,
                     on_epoch=lambda e: st.record(stages.epoch_metrics(e), step=e.epoch),
+                    parent=ready.parent,
+                    spill_dir=self._div_cache.path.parent,
                 )
             )
-        candidate = upd.candidate
+        candidate = upd.candidate  # the round's one model, fine-tuned in place
 
-        with self.stage(mn.EVALUATE) as st:
-            champ = st.result(judge.evaluate(model, tok, sets, p, st.tick))
+        with self.stage(mn.EVALUATE) as st, swapped_in(candidate, upd.base_state):
+            champ = st.result(judge.evaluate(candidate, tok, sets, p, st.tick))
 
         with self.stage(mn.META_STEP) as st:
             ms = st.result(judge.meta_step(candidate, upd.base_state, tok, sets, p, st.tick))
@@ -101,7 +104,7 @@ class Round:
             verdict = judge.decide(
                 self.db,
                 lineage,
-                (model, candidate, tok),
+                (candidate, tok),
                 judge.Judged(champion.manifest, champ, ms, upd.base_state),
                 sets,
                 self._div_cache,
