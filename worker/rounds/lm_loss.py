@@ -19,13 +19,15 @@ bias) are not on the list :data:`CHUNKED_TYPES`; they take the unchunked path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CHUNKED_TYPES", "CHUNK_BYTES", "decoder_and_head", "head_nll"]
+__all__ = ["CHUNKED_TYPES", "CHUNK_BYTES", "decoder_and_head", "full_logits", "head_nll"]
 
 IGNORE_INDEX = -100
 # One chunk's float32 logits, at most (a few such tensors live at once).
@@ -36,9 +38,25 @@ CHUNKED_TYPES = frozenset(
 )
 
 
+_full_logits = False
+
+
+@contextmanager
+def full_logits() -> Iterator[None]:
+    """Inside the block every model takes the unchunked path (a benchmark's baseline)."""
+    global _full_logits
+    before, _full_logits = _full_logits, True
+    try:
+        yield
+    finally:
+        _full_logits = before
+
+
 def decoder_and_head(model: Any) -> tuple[Any, Tensor] | None:
     """The model's decoder (no head) and its head's weight, or None where the head is not a
     plain bias-free linear map of the decoder's last hidden state."""
+    if _full_logits:
+        return None
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in CHUNKED_TYPES:
         return None
