@@ -31,7 +31,7 @@ __all__ = ["CHUNKED_TYPES", "CHUNK_BYTES", "decoder_and_head", "full_logits", "h
 
 IGNORE_INDEX = -100
 # One chunk's float32 logits, at most (a few such tensors live at once).
-CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 32 * 1024 * 1024
 # Model types whose CausalLM forward is `lm_head(base_model(...).last_hidden_state)`.
 CHUNKED_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo2", "smollm3"}

@@ -2,12 +2,16 @@
 
 :class:`PeakRss` resets the kernel's peak counter (``VmHWM``, via ``clear_refs``) when a stage
 begins and reads it when the stage ends, so a short spike between two samples still counts
-and each stage's number is its own. Where the reset is refused (old kernels, some sandboxes)
-the number is the process's peak so far, an upper bound; where ``/proc`` is missing, none.
+and each stage's number is its own. Before the reset the heap's free pages go back to the
+system (:func:`trim`), so a stage does not inherit what the one before it freed. Where the
+reset is refused (old kernels, some sandboxes) the number is the process's peak so far, an
+upper bound; where ``/proc`` is missing, none.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from pathlib import Path
 
@@ -29,6 +33,27 @@ def _status_bytes(key: str) -> int | None:
     return None
 
 
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name)
+        lib.malloc_trim  # noqa: B018 (glibc only)
+    except (OSError, AttributeError, TypeError):
+        return None
+    return lib
+
+
+_LIBC = _libc()
+
+
+def trim() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
+    no-op). glibc keeps what a stage freed (the optimizer's moments, say) mapped, so without
+    this every later stage would carry the update's peak as its resident size."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def current_rss() -> int | None:
     """The process's resident set size now, in bytes (None without /proc)."""
     return _status_bytes("VmRSS")
@@ -41,6 +66,7 @@ class PeakRss:
         self.can_reset = True
 
     def reset(self) -> None:
+        trim()
         if not self.can_reset:
             return
         try:

@@ -35,6 +35,7 @@ from worker.rounds.evaluate import (
     split_windows,
 )
 from worker.rounds.metastep import state_copy
+from worker.rounds.peak_rss import trim
 from worker.rounds.weights_file import load_into, release, spill
 
 __all__ = [
@@ -369,6 +370,7 @@ def finetune(
     # drops the model: the rest of a round needs that memory.
     del optimizer, scheduler
     model.zero_grad(set_to_none=True)
+    trim()
     if best_epoch != history[-1].epoch and best_state is not None:
         log.info("restoring epoch %d (valid loss %.4f)", best_epoch, best_loss)
         load_into(model, best_state)

@@ -14,8 +14,10 @@ that are no longer the champion's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "release",
     "spill",
     "swapped_in",
+    "write_safetensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,9 +155,57 @@ def spill(model: Any, path: Path) -> FileWeights:
             aliases[k] = keys[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(stored, str(tmp))
-    os.replace(tmp, path)
+    try:
+        write_safetensors(tmp, stored)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return FileWeights([path], aliases, owned=True)
+
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """A safetensors file written a tensor at a time from the tensors' own memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a ``bytes`` object: for a
+    model's state that is a second copy of the model in RAM, at the moment a round's update
+    holds the most. The format is a length-prefixed JSON header and the raw data."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: cannot store {t.dtype}")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextmanager
