@@ -203,7 +203,7 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
         f.write(raw)
         for t in tensors.values():
             if t.numel():
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         f.flush()
         os.fsync(f.fileno())
 
