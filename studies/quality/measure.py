@@ -32,7 +32,7 @@ class MeasureConfig:
 
 
 FULL_MEASURE = MeasureConfig(
-    test_passages=0, unrelated_passages=96, diversity_prompts=32, max_new_tokens=48
+    test_passages=0, unrelated_passages=96, diversity_prompts=128, max_new_tokens=48
 )
 SMALL_MEASURE = MeasureConfig(
     test_passages=4,

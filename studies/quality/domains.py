@@ -1,0 +1,53 @@
+"""The study's domain corpora: pydoc (built in) and the bundled second corpus, kept back.
+
+``--domain`` takes a short name from :data:`DOMAINS` or a path (a directory of text files, a
+``.jsonl`` file or a text file). Each domain keeps its own results and report, so one
+domain's study never refuses or mixes with the other's:
+
+=========  ===================================  ==========================  =================
+name       corpus                               results (``--out``)         report
+=========  ===================================  ==========================  =================
+pydoc      CPython's pydoc topics (built in)    ``docs/quality/``           ``docs/quality.md``
+pgsql      ``corpora/pgsql_ref.jsonl``          ``docs/quality/pgsql/``     ``docs/quality_pgsql.md``
+=========  ===================================  ==========================  =================
+
+``pgsql`` is the PostgreSQL 15 SQL command reference (provenance and licence in
+``corpora/PGSQL_LICENSE`` and ``corpora/build_pgsql.py``). It is the check corpus: round
+defaults are tuned on pydoc only, then confirmed on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DOMAINS: dict[str, Path | None] = {
+    "pydoc": None,
+    "pgsql": HERE / "corpora" / "pgsql_ref.jsonl",
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    key: str  # "pydoc", "pgsql", or the path's stem
+    path: str | None  # None: the built-in pydoc topics
+
+    @property
+    def out(self) -> Path:
+        return Path("docs/quality") if self.key == "pydoc" else Path("docs/quality") / self.key
+
+    @property
+    def report(self) -> Path:
+        return Path("docs/quality.md") if self.key == "pydoc" else Path(f"docs/quality_{self.key}.md")
+
+
+def resolve(arg: str | None) -> Domain:
+    if arg is None or arg == "pydoc":
+        return Domain("pydoc", None)
+    if arg in DOMAINS:
+        path = DOMAINS[arg]
+        assert path is not None
+        return Domain(arg, str(path))
+    path = Path(arg).expanduser().resolve()
+    return Domain(path.stem, str(path))
