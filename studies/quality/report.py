@@ -108,7 +108,9 @@ def _setup_section(data: dict[str, Any]) -> list[str]:
         f"split (seed {sets.get('prompt_seed')}), one sample each, "
         f"{measure.get('max_new_tokens')} new tokens, temperature {measure.get('temperature')}, "
         f"top-p {measure.get('top_p')}, fixed seed; distinct-1/2 (corpus-level) and mean "
-        "trigram repetition rate.",
+        "trigram repetition rate. Real test-split text cut to the same length reads "
+        f"distinct-2 {fmt(sets.get('real_distinct_2'))}, repetition "
+        f"{fmt(sets.get('real_repetition_rate'))}.",
         "- **Measured model**: after every round, the lineage's *champion* — the candidate if "
         "the round promoted it, else the unchanged previous champion. Round 0 is the base.",
         f"- **Machine**: {env.get('machine')}, {env.get('cpus')} CPUs, torch "

@@ -325,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     common, per_arm = parse_sets(args.sets)
     base_cfg = SMALL_MEASURE if args.small else FULL_MEASURE
     overrides = {
-        "test_passages": args.test_passages,
+        "test_passages": args.test_passages
+        if args.test_passages is not None
+        else domain.test_passages,
         "unrelated_passages": args.unrelated_passages,
         "diversity_prompts": args.diversity_prompts,
     }
@@ -334,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Validate every arm's parameters before spending minutes on the base import.
     for arm in arms:
-        arm_params(arm, args.seed + 1, args.domain, args.small, common, per_arm)
+        try:
+            arm_params(arm, args.seed + 1, args.domain, args.small, common, per_arm)
+        except ValueError as e:
+            raise SystemExit(f"arm {arm}: {e}") from None
 
     sets = build_eval_sets(args.domain, args.unrelated, cfg)
     if args.traffic is None and any(
