@@ -77,6 +77,7 @@ def missing_params(arm: str) -> list[str]:
 
     return sorted(k for k in ARMS[arm] if k not in RoundParams.model_fields)
 
+
 # --small: every round shrunk to seconds on tiny:llama (smoke runs; numbers mean nothing).
 SMALL_ROUND: dict[str, Any] = {
     "num_prompts": 3,

@@ -4,12 +4,10 @@
 ``.jsonl`` file or a text file). Each domain keeps its own results and report, so one
 domain's study never refuses or mixes with the other's:
 
-=========  ===================================  ==========================  =================
-name       corpus                               results (``--out``)         report
-=========  ===================================  ==========================  =================
-pydoc      CPython's pydoc topics (built in)    ``docs/quality/``           ``docs/quality.md``
-pgsql      ``corpora/pgsql_ref.jsonl``          ``docs/quality/pgsql/``     ``docs/quality_pgsql.md``
-=========  ===================================  ==========================  =================
+- ``pydoc``: CPython's pydoc topics (built in); results in ``docs/quality/``, report
+  ``docs/quality.md``;
+- ``pgsql``: ``corpora/pgsql_ref.jsonl``; results in ``docs/quality/pgsql/``, report
+  ``docs/quality_pgsql.md``.
 
 ``pgsql`` is the PostgreSQL 15 SQL command reference (provenance and licence in
 ``corpora/PGSQL_LICENSE`` and ``corpora/build_pgsql.py``). It is the check corpus: round
@@ -42,7 +40,9 @@ class Domain:
 
     @property
     def report(self) -> Path:
-        return Path("docs/quality.md") if self.key == "pydoc" else Path(f"docs/quality_{self.key}.md")
+        return (
+            Path("docs/quality.md") if self.key == "pydoc" else Path(f"docs/quality_{self.key}.md")
+        )
 
 
 def resolve(arg: str | None) -> Domain:

@@ -160,9 +160,7 @@ def _domain_text(meta: dict[str, Any]) -> str:
     return str(d)
 
 
-def summaries_of(
-    data: dict[str, Any], noise: dict[str, Any] | None
-) -> dict[str, ArmSummary]:
+def summaries_of(data: dict[str, Any], noise: dict[str, Any] | None) -> dict[str, ArmSummary]:
     meta = data.get("meta", {})
     band = repetition_band(noise, meta.get("measure", {}))
     baseline = [r for r in data["records"] if r["arm"] == BASELINE_ARM]
@@ -194,7 +192,8 @@ def _generated_vs_real(data: dict[str, Any]) -> list[str]:
         verdict = "**yes**" if change is not None and change < 0 else "**no**"
         rows.append([a, str(r), fmt(m), fmt(t), pct(change), verdict])
     if not rows:
-        return lines + [
+        return [
+            *lines,
             "Not answered by this run: it needs the *selflm* arm and *real_only* (or "
             "*real_only_matched*) run to the same round.",
             "",
@@ -210,7 +209,7 @@ def _generated_vs_real(data: dict[str, Any]) -> list[str]:
         ["against", "round", "selflm test ppl", "its test ppl", "selflm vs it", "helped?"],
         rows,
     )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def render(
@@ -255,9 +254,9 @@ def render(
     lines += ["### All arms after their last round", ""]
     rows = []
     for a in arms:
-        s = summaries.get(a)
-        if s is None:
+        if a not in summaries:
             continue
+        s = summaries[a]
         checks = s.checks
         met = sum(1 for *_, ok, _g in checks if ok)
         rows.append(

@@ -134,8 +134,9 @@ class ArmSummary:
             f"outside by {abs(d2 or 0) * 100 - DIVERSITY_BAND * 100:.2f} points",
         )
         out.append(("distinct-2 within ±5% of base", pct(d2), met, gap))
-        rep_base, rep_final = num(self.base.get("repetition_rate")), num(
-            self.final.get("repetition_rate")
+        rep_base, rep_final = (
+            num(self.base.get("repetition_rate")),
+            num(self.final.get("repetition_rate")),
         )
         if self.repetition_band is not None and rep_base is not None and rep_final is not None:
             diff = rep_final - rep_base
@@ -156,7 +157,9 @@ class ArmSummary:
                 c is not None and abs(c) <= DIVERSITY_BAND,
                 f"outside by {abs(c or 0) * 100 - DIVERSITY_BAND * 100:.2f} points",
             )
-            out.append(("repetition rate within ±5% of base (no probe-noise file)", pct(c), met, gap))
+            out.append(
+                ("repetition rate within ±5% of base (no probe-noise file)", pct(c), met, gap)
+            )
         worst = max((w for _, w in self.worse_than_parent), default=None)
         ok = not self.worse_than_parent
         detail = ", ".join(f"round {r} ({w * 100:+.2f}%)" for r, w in self.worse_than_parent)

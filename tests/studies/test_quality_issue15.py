@@ -121,7 +121,7 @@ def test_real_only_arm(tmp_path: Path) -> None:
 
     argv = _argv(tmp_path, "real_only,selflm", 1)
     if "train_data" not in RoundParams.model_fields:
-        with pytest.raises(SystemExit, match="train_data.*roundq"):
+        with pytest.raises(SystemExit, match=r"train_data.*roundq"):
             quality.main(argv)
         assert not (tmp_path / "out" / "results.json").exists()
         return
