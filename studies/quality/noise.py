@@ -103,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     # The SD over seeds of the whole-probe statistic is the standard error of one
     # measurement; the study's targets and a gate's tolerance should be at least 2 of it.
-    summary["distinct_2_2se"] = 2 * summary["distinct_2_sd"]
-    summary["repetition_2se"] = 2 * summary["repetition_sd"]
+    summary["distinct_2_2se"] = 2 * (statistics.stdev(d2) if len(d2) > 1 else 0.0)
+    summary["repetition_2se"] = 2 * (statistics.stdev(rep) if len(rep) > 1 else 0.0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
