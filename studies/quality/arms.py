@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# The KL-anchor weight the study tries (round parameter `kl_anchor`, branch roundq): the
+# update's loss adds this times KL(candidate ‖ lineage base) on the replay text.
+KL_ANCHOR = 0.1
+
 # Arms: RoundParams overrides on top of the current defaults (so `selflm` is "the defaults").
 ARMS: dict[str, dict[str, Any]] = {
     # The reference article's loop: random selection, no filters, no replay, no meta-step,
@@ -25,6 +29,20 @@ ARMS: dict[str, dict[str, Any]] = {
         "epochs": 5,
     },
     "selflm": {},
+    # Issue 15's baselines at equal real data (round parameter `train_data`, branch roundq):
+    # the same rounds, gate and meta-step, but the update trains on real replay text alone,
+    # either as many real tokens as `selflm` used (prompt tokens inside generated samples
+    # count as real) or as many tokens in total as `selflm` trains on.
+    "real_only": {"train_data": "real_only"},
+    "real_only_matched": {"train_data": "real_only_matched"},
+    # Online adaptation: prompts from recorded POST /generate traffic (studies/quality/
+    # traffic.py replays a fixed question stream through a real `selflm serve` first).
+    "served": {"prompt_source": "served"},
+    # A gate that can see drift (issue 15), each change alone and together. The tolerances
+    # are 2 standard errors of a 128-prompt probe's noise (docs/quality/probe_noise.json).
+    "probe128": {"diversity_prompts": 128},
+    "kl_anchor": {"kl_anchor": KL_ANCHOR},
+    "drift_gate": {"diversity_prompts": 128, "kl_anchor": KL_ANCHOR},
     "no_replay": {"replay_fraction": 0.0},
     "no_filters": {"filters": False},
     "no_meta_step": {"meta_step": False},
@@ -35,12 +53,30 @@ ARMS: dict[str, dict[str, Any]] = {
 DEFAULT_ARMS = (
     "reference",
     "selflm",
+    "real_only",
+    "real_only_matched",
+    "difficulty",
+    "served",
+    "probe128",
+    "kl_anchor",
+    "drift_gate",
     "no_replay",
     "no_filters",
     "no_meta_step",
     "random",
-    "difficulty",
 )
+# Issue 15's plan: these run 8 rounds (the default after tuning runs as `selflm` again, in a
+# fresh --out); the ablations run 3.
+LONG_ARMS = ("selflm", "reference", "real_only", "real_only_matched", "difficulty", "served")
+ABLATION_ROUNDS = 3
+
+
+def missing_params(arm: str) -> list[str]:
+    """The round parameters ``arm`` needs that this build's RoundParams lacks."""
+    from core.round_params import RoundParams
+
+    return sorted(k for k in ARMS[arm] if k not in RoundParams.model_fields)
+
 
 # --small: every round shrunk to seconds on tiny:llama (smoke runs; numbers mean nothing).
 SMALL_ROUND: dict[str, Any] = {
@@ -95,11 +131,21 @@ def arm_params(
     """Defaults < --set KEY=V < --small sizes < the arm's overrides < --set ARM:KEY=V."""
     from core.round_params import RoundParams
 
+    missing = missing_params(arm)
+    if missing:
+        raise ValueError(
+            f"arm {arm!r} needs round parameters {missing} that this build does not have "
+            "(they come with the round-parameter branch 'roundq')"
+        )
     values: dict[str, Any] = {**common}
     if small:
         values.update(SMALL_ROUND)
     values.update(ARMS[arm])
     values.update(per_arm.get(arm, {}))
+    if small:  # an arm's larger probe, shrunk like everything else in a smoke run
+        values["diversity_prompts"] = min(
+            int(values.get("diversity_prompts", 1)), SMALL_ROUND["diversity_prompts"]
+        )
     values["seed"] = seed
     # A round names its corpus inside the round data directory (the study sets
     # SELFLM_ROUND_DATA_DIR to the domain's folder); "pydoc" and None are built in.

@@ -32,7 +32,7 @@ class MeasureConfig:
 
 
 FULL_MEASURE = MeasureConfig(
-    test_passages=0, unrelated_passages=96, diversity_prompts=32, max_new_tokens=48
+    test_passages=0, unrelated_passages=96, diversity_prompts=128, max_new_tokens=48
 )
 SMALL_MEASURE = MeasureConfig(
     test_passages=4,
@@ -109,6 +109,7 @@ def build_eval_sets(domain: str | None, unrelated: str, cfg: MeasureConfig) -> E
     prompts = prompts_from(corpus.train, cfg.diversity_prompts, random.Random(PROMPT_SEED))
     if not test:
         raise ValueError(f"domain corpus {corpus.name!r} has no test split (too few documents)")
+    real = real_text_diversity(test)
     info = {
         "domain_name": corpus.name,
         "split_seed": SPLIT_SEED,
@@ -125,8 +126,22 @@ def build_eval_sets(domain: str | None, unrelated: str, cfg: MeasureConfig) -> E
         "unrelated_passages_total": len(u_all),
         "diversity_prompts": len(prompts),
         "prompt_seed": PROMPT_SEED,
+        # The same statistics on real text of about a sample's length: what "diverse" and
+        # "repetitive" look like in this domain (reference text repeats its own syntax).
+        "real_distinct_2": real["distinct_2"],
+        "real_repetition_rate": real["repetition_rate"],
     }
     return EvalSets(test=test, unrelated=unrel, prompts=prompts, info=info)
+
+
+def real_text_diversity(texts: list[str], skip: int = 12, length: int = 36) -> dict[str, float]:
+    """distinct-2 and repetition of real text cut like the probe's samples: the ``length``
+    words (≈ 48 tokens) after a prompt-sized opening of ``skip`` words of each passage."""
+    from worker.rounds.textstats import diversity
+
+    cut = [" ".join(t.split()[skip : skip + length]) for t in texts]
+    d = diversity([c for c in cut if c])
+    return {"distinct_2": d.distinct_2, "repetition_rate": d.repetition_rate}
 
 
 def measure(path: Path, device_name: str, sets: EvalSets, cfg: MeasureConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ fixed prompt set with a fixed sampling seed. This draws the same probe with othe
 it cannot be told apart from chance.
 
     .venv/bin/python -m studies.quality.noise data/quality/<model>/_base/checkpoints/default/v000001
+    .venv/bin/python -m studies.quality.noise CHECKPOINT --domain pgsql   # docs/quality/pgsql/
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from studies.quality import domains
 from studies.quality.measure import DEFAULT_UNRELATED, FULL_MEASURE, MeasureConfig, build_eval_sets
 
 log = logging.getLogger("studies.quality.noise")
@@ -31,7 +33,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", default="7,8,9,10,11", help="sampling seeds (7 is the study's)")
     ap.add_argument("--diversity-prompts", type=int, default=FULL_MEASURE.diversity_prompts)
     ap.add_argument("--max-new-tokens", type=int, default=FULL_MEASURE.max_new_tokens)
-    ap.add_argument("--out", type=Path, default=Path("docs/quality/probe_noise.json"))
+    ap.add_argument("--domain", default=None, help="pydoc (default), pgsql or a corpus path")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: probe_noise.json in the domain's results directory (the report reads "
+        "it there for the repetition target's band)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -52,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens,
         }
     )
-    sets = build_eval_sets(None, DEFAULT_UNRELATED, cfg)
+    domain = domains.resolve(args.domain)
+    args.out = args.out or domain.out / "probe_noise.json"
+    sets = build_eval_sets(domain.path, DEFAULT_UNRELATED, cfg)
     loaded = load_checkpoint(args.checkpoint, torch.device("cpu"), torch.float32)
     runs: list[dict[str, float]] = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -90,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "repetition_mean": statistics.mean(rep),
         "repetition_sd": statistics.stdev(rep) if len(rep) > 1 else 0.0,
     }
+    # The SD over seeds of the whole-probe statistic is the standard error of one
+    # measurement; the study's targets and a gate's tolerance should be at least 2 of it.
+    summary["distinct_2_2se"] = 2 * (statistics.stdev(d2) if len(d2) > 1 else 0.0)
+    summary["repetition_2se"] = 2 * (statistics.stdev(rep) if len(rep) > 1 else 0.0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))

@@ -3,7 +3,10 @@
     .venv/bin/python -m studies.quality.report [--results docs/quality/results.json]
                                              [--report docs/quality.md]
 
-The plot goes beside the report as ``<report stem>_test_ppl.png``. The section "What the
+The plot (test-split perplexity and distinct-2 per round, every arm) goes beside the report
+as ``<report stem>_rounds.png``. The probe's sampling noise, when measured
+(``probe_noise.json`` beside ``results.json``, see ``studies.quality.noise``), sets the
+repetition target's band. The section "What the
 numbers say" is written by hand: its text between the two HTML markers survives every
 regeneration of the report.
 """
@@ -20,7 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from studies.quality.plot import plot_path_for, write_plot
-from studies.quality.summary import ARM_NOTES, arms_in_order, fmt, pct, rel, summarize
+from studies.quality.report_setup import setup_section, table
+from studies.quality.summary import (
+    BASELINE_ARM,
+    ArmSummary,
+    arms_in_order,
+    fmt,
+    num,
+    pct,
+    rel,
+    repetition_band,
+    summarize,
+)
 
 log = logging.getLogger("studies.quality.report")
 
@@ -37,12 +51,6 @@ NOTES_PLACEHOLDER = (
 # --------------------------------------------------------------------------- markdown
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return out
-
-
 def _mark(met: bool | None) -> str:
     return "–" if met is None else ("met" if met else "**missed**")
 
@@ -57,99 +65,78 @@ def _existing_notes(report: Path) -> str | None:
     return None
 
 
-def _setup_section(data: dict[str, Any]) -> list[str]:
+def summaries_of(data: dict[str, Any], noise: dict[str, Any] | None) -> dict[str, ArmSummary]:
     meta = data.get("meta", {})
-    sets = meta.get("eval_sets", {})
-    measure = meta.get("measure", {})
-    docs = sets.get("domain_docs", {})
-    env = meta.get("environment", {})
-    lines = ["## Setup", ""]
-    if meta.get("small"):
-        lines += [
-            "> **Smoke run (`--small`)**: rounds and measurements are shrunk to seconds; these "
-            "numbers say nothing about quality.",
-            "",
-        ]
-    lines += [
-        f"- **Base model**: `{meta.get('base_model')}`, imported once as v1 and copied into a "
-        "fresh store (SQLite database + checkpoint directory) per arm.",
-        f"- **Rounds**: {meta.get('rounds')} consecutive rounds per arm through the real "
-        "pipeline (`records.create_round` + `run_round`); round *i* uses seed "
-        f"{meta.get('seed')} + *i* in every arm, so all arms draw the same prompts.",
-        f"- **Domain corpus**: `{meta.get('domain') or 'pydoc topics (CPython pydoc_data)'}`, "
-        f"split by document with seed {sets.get('split_seed')} (the pipeline's) into "
-        f"train {docs.get('train')} / dev {docs.get('dev')} / test {docs.get('test')} "
-        "documents. Rounds draw prompts and replay text from *train* and gate on *dev*; the "
-        f"study measures the **test** split only: {sets.get('test_passages')} of its "
-        f"{sets.get('test_passages_total')} passages (≤160 words each).",
-        f"- **Unrelated corpus**: `{meta.get('unrelated')}` ({sets.get('unrelated_docs')} "
-        f"documents; {sets.get('unrelated_passages')} of {sets.get('unrelated_passages_total')} "
-        "passages, a seeded sample spread over all documents). The default is the license "
-        "texts Debian ships in `/usr/share/common-licenses` (GPL, LGPL, GFDL, Apache, MPL, "
-        "Artistic, BSD, CC0): real English prose, legal rather than technical, present offline "
-        "on this machine and in the `python:3.11-slim` image the Dockerfile builds on. No "
-        "round ever sees it; it measures general ability outside the domain. Configurable "
-        "with `--unrelated`.",
-        f"- **Diversity**: {sets.get('diversity_prompts')} fixed prompts from the domain train "
-        f"split (seed {sets.get('prompt_seed')}), one sample each, "
-        f"{measure.get('max_new_tokens')} new tokens, temperature {measure.get('temperature')}, "
-        f"top-p {measure.get('top_p')}, fixed seed; distinct-1/2 (corpus-level) and mean "
-        "trigram repetition rate.",
-        "- **Measured model**: after every round, the lineage's *champion* — the candidate if "
-        "the round promoted it, else the unchanged previous champion. Round 0 is the base.",
-        f"- **Machine**: {env.get('machine')}, {env.get('cpus')} CPUs, torch "
-        f"{env.get('torch')}, CUDA {'yes' if env.get('cuda') else 'no'}.",
-        "",
-        "### Arms",
-        "",
-    ]
+    band = repetition_band(noise, meta.get("measure", {}))
+    baseline = [r for r in data["records"] if r["arm"] == BASELINE_ARM]
+    out: dict[str, ArmSummary] = {}
+    for a in arms_in_order(data):
+        params = meta.get("arms", {}).get(a, {}).get("params", {})
+        recs = [r for r in data["records"] if r["arm"] == a]
+        theirs = baseline if baseline and a != BASELINE_ARM else None
+        s = summarize(a, recs, params, band, theirs)
+        if s is not None:
+            out[a] = s
+    return out
+
+
+def _generated_vs_real(data: dict[str, Any]) -> list[str]:
+    """The plain answer: did self-generated data beat real text alone at equal real data?"""
+    lines = ["## Did self-generated data help?", ""]
+    at = {(r["arm"], r["round"]): r for r in data["records"]}
+    last = {a: max(i for (b, i) in at if b == a) for a in {b for b, _ in at}}
     rows = []
-    for arm in arms_in_order(data):
-        info = meta.get("arms", {}).get(arm, {})
-        ov = info.get("overrides", {})
-        ov_text = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in ov.items()) or "(none)"
-        rows.append([arm, ARM_NOTES.get(arm, ""), ov_text])
-    lines += _table(["arm", "what", "overrides of the round defaults"], rows)
-    common = meta.get("common_overrides") or {}
-    lines += [""]
-    if common:
-        lines += [
-            "Overrides for every arm (an arm's own win): "
-            + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in common.items()),
+    for a in ("real_only", "real_only_matched"):
+        if "selflm" not in last or a not in last:
+            continue
+        r = min(last["selflm"], last[a])
+        m, t = num(at[("selflm", r)].get("test_ppl")), num(at[(a, r)].get("test_ppl"))
+        if r == 0 or m is None or t is None:
+            continue
+        change = rel(m, t)
+        verdict = "**yes**" if change is not None and change < 0 else "**no**"
+        rows.append([a, str(r), fmt(m), fmt(t), pct(change), verdict])
+    if not rows:
+        return [
+            *lines,
+            "Not answered by this run: it needs the *selflm* arm and *real_only* (or "
+            "*real_only_matched*) run to the same round.",
             "",
         ]
     lines += [
-        "The *reference* arm is the reference article's loop: random selection, no filters, no "
-        "replay, no meta-step, promotion whenever perplexity on the round's own generated "
-        "valid split does not get worse (margin 0), and the article's learning rate (1e-4) and "
-        "epochs (5). The article trains one sample at a time (batch size 1); here it runs on "
-        "our batched trainer (same AdamW family, padded batches with attention masks) to "
-        "keep the study's wall time bounded. The exact parameters of every arm are in "
-        "`results.json` (`meta.arms`).",
+        "*selflm* trains on generated samples plus real replay text; the *real_only* arms "
+        "train on real replay text alone (same rounds, gate and meta-step), with as many "
+        "real tokens as *selflm* used (prompts inside samples counted as real) or as many "
+        "tokens in all. Generated data helped only if *selflm* ends lower on the test split.",
         "",
     ]
-    return lines
+    lines += table(
+        ["against", "round", "selflm test ppl", "its test ppl", "selflm vs it", "helped?"],
+        rows,
+    )
+    return [*lines, ""]
 
 
-def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> str:
+def render(
+    data: dict[str, Any],
+    plot_name: str | None,
+    notes: str | None,
+    noise: dict[str, Any] | None = None,
+) -> str:
     meta = data.get("meta", {})
     arms = arms_in_order(data)
-    summaries = {
-        a: s
-        for a in arms
-        if (s := summarize(a, [r for r in data["records"] if r["arm"] == a])) is not None
-    }
+    summaries = summaries_of(data, noise)
     lines = [
         "# Self-update quality study",
         "",
         "Do self-update rounds make the model *better* on held-out real text, or only "
-        "different? (issue 6). Generated by `python -m studies.quality.report` from "
+        "different? (issues 6 and 15). Generated by `python -m studies.quality.report` from "
         f"`results.json` ({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; results last "
         f"updated {meta.get('updated_at', '?')}). Rerun the study with "
         "`python -m studies.quality` (see its `--help`).",
         "",
     ]
-    lines += _setup_section(data)
+    lines += setup_section(data)
 
     lines += ["## Targets", ""]
     lines += [
@@ -163,7 +150,7 @@ def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> st
         if target_arm != "selflm":
             lines += [f"(*selflm* not in this run; shown for *{target_arm}*.)", ""]
         lines += [f"*{target_arm}* after round {s.rounds}:", ""]
-        lines += _table(
+        lines += table(
             ["target", "value", "status", "gap"],
             [[t, v, _mark(m), g] for t, v, m, g in s.checks],
         )
@@ -172,10 +159,11 @@ def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> st
     lines += ["### All arms after their last round", ""]
     rows = []
     for a in arms:
-        s = summaries.get(a)
-        if s is None:
+        if a not in summaries:
             continue
-        met = sum(1 for *_, ok, _g in s.checks if ok)
+        s = summaries[a]
+        checks = s.checks
+        met = sum(1 for *_, ok, _g in checks if ok)
         rows.append(
             [
                 a,
@@ -186,10 +174,10 @@ def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> st
                 f"{fmt(s.final.get('distinct_2'))} ({pct(s.distinct2_change)})",
                 f"{fmt(s.final.get('repetition_rate'))} ({pct(s.repetition_change)})",
                 str(len(s.worse_than_parent)),
-                f"{met}/5",
+                f"{met}/{len(checks)}",
             ]
         )
-    lines += _table(
+    lines += table(
         [
             "arm",
             "rounds",
@@ -205,12 +193,14 @@ def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> st
     )
     lines += [""]
 
-    lines += ["## Test-split perplexity per round", ""]
+    lines += _generated_vs_real(data)
+    lines += ["## Test-split perplexity and distinct-2 per round", ""]
     if plot_name:
         lines += [
-            f"![test-split perplexity per round and arm]({plot_name})",
+            f"![test-split perplexity and distinct-2 per round and arm]({plot_name})",
             "",
-            "Outlined dots: rounds that promoted. Dashed: the base; dotted: the 5% target.",
+            "Outlined dots: rounds that promoted. Dashed: the base; dotted: the targets "
+            "(test ppl 5% below the base; distinct-2 within ±5%).",
             "",
         ]
     else:
@@ -261,7 +251,7 @@ def render(data: dict[str, Any], plot_name: str | None, notes: str | None) -> st
                     fmt(r.get("round_seconds"), 0),
                 ]
             )
-        lines += _table(
+        lines += table(
             [
                 "round",
                 "champion",
@@ -303,7 +293,9 @@ def write_report(results: Path, report: Path) -> tuple[Path, Path | None]:
     rel_plot = None
     if has_plot:
         rel_plot = plot.name if plot.parent.resolve() == report.parent.resolve() else str(plot)
-    text = render(data, rel_plot, _existing_notes(report))
+    noise_path = results.with_name("probe_noise.json")
+    noise = json.loads(noise_path.read_text()) if noise_path.exists() else None
+    text = render(data, rel_plot, _existing_notes(report), noise)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text, encoding="utf-8")
     log.info("wrote %s%s", report, f" and {plot}" if has_plot else "")

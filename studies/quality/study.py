@@ -43,7 +43,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from studies.quality.arms import ARMS, DEFAULT_ARMS, arm_params, parse_sets
+from studies.quality import domains, traffic
+from studies.quality.arms import ARMS, arm_params, parse_sets
+from studies.quality.cli import build_parser
 from studies.quality.measure import (
     DEFAULT_UNRELATED,
     FULL_MEASURE,
@@ -84,7 +86,7 @@ __all__ = [
 
 log = logging.getLogger("studies.quality")
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: issue 15 (128-prompt probe, per-domain results)
 
 
 # --------------------------------------------------------------------------- the study
@@ -99,6 +101,7 @@ class Study:
     common: dict[str, Any]
     per_arm: dict[str, dict[str, Any]]
     cache: dict[str, dict[str, Any]]
+    stream: list[str] | None = None  # the traffic question stream (served arms)
 
     def measured(self, path: Path, manifest: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
         from worker.rounds.diversity_gate import weights_key
@@ -148,6 +151,25 @@ class Study:
         )
         return rec
 
+    def serve_traffic(
+        self, params: Any, settings: Any, db: Any, root: Path, round_idx: int
+    ) -> dict[str, Any]:
+        """For an arm whose prompts come from served traffic: replay this round's slice of the
+        question stream through a real ``selflm serve`` on the arm's store; else nothing."""
+        if params.prompt_source != "served" or params.prompts:
+            return {}
+        if self.stream is None:
+            self.stream = traffic.load_stream(self.args.traffic)
+        questions = traffic.slice_for_round(self.stream, round_idx, params.num_prompts)
+        got = traffic.replay(
+            settings,
+            db,
+            questions,
+            root / "serve.log",
+            max_new_tokens=8 if self.args.small else 32,
+        )
+        return got.summary()
+
     def run_arm(self, arm: str, base_dir: Path, work: Path) -> None:
         from core.db import rounds as records
         from core.store import read_manifest
@@ -176,11 +198,13 @@ class Study:
                 if i in done:
                     continue
                 seed = a.seed + i
+                served: dict[str, Any] = {}
                 if i <= len(rows):
                     row = rows[i - 1]  # ran before the cut, not yet measured
                     log.info("%s round %d: ran before the interruption; measuring it", arm, i)
                 else:
                     params = arm_params(arm, seed, a.domain, a.small, self.common, self.per_arm)
+                    served = self.serve_traffic(params, settings, db, root, i)
                     row = records.create_round(db, LINEAGE, params.model_dump(mode="json"))
                     log.info("%s round %d/%d (id %d, seed %d)", arm, i, a.rounds, row.id, seed)
                     started = time.perf_counter()
@@ -198,6 +222,7 @@ class Study:
                     rows.append(row)
                 summary = round_summary(row)
                 summary["seed"] = row.params.get("seed", seed)
+                summary.update(served)
                 self.record(arm, i, champion_after(db, rows[:i]), summary)
         finally:
             db.dispose()
@@ -206,47 +231,6 @@ class Study:
 def _comparable(meta: dict[str, Any]) -> dict[str, Any]:
     keys = ("base_model", "domain", "unrelated", "small", "seed", "measure", "results_version")
     return {k: meta.get(k) for k in keys}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m studies.quality",
-        description="Self-update quality study: N rounds per arm from the same base.",
-    )
-    p.add_argument("--rounds", type=int, default=8, help="rounds per arm (default 8)")
-    p.add_argument(
-        "--arms",
-        default=",".join(DEFAULT_ARMS),
-        help=f"comma-separated arms, or 'all' (known: {', '.join(ARMS)})",
-    )
-    p.add_argument("--base-model", default="bundled:smollm2-135m-instruct")
-    p.add_argument("--domain", default=None, help="domain corpus (default: pydoc topics)")
-    p.add_argument(
-        "--unrelated",
-        default=DEFAULT_UNRELATED,
-        help=f"unrelated real corpus: directory, .jsonl or text file (default {DEFAULT_UNRELATED})",
-    )
-    p.add_argument("--out", type=Path, default=Path("docs/quality"), help="results directory")
-    p.add_argument("--work", type=Path, default=Path("data/quality"), help="stores per arm")
-    p.add_argument("--report", type=Path, default=Path("docs/quality.md"), help="report path")
-    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    p.add_argument("--seed", type=int, default=0, help="round i uses seed SEED + i (every arm)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--small", action="store_true", help="tiny rounds and measurements (smoke)")
-    p.add_argument("--resume", action="store_true", help="skip (arm, round) pairs already done")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="[ARM:]KEY=VALUE",
-        help="round-parameter override for every arm (the arm's own win) or for one arm",
-    )
-    p.add_argument("--test-passages", type=int, default=None, help="0 = whole test split")
-    p.add_argument("--unrelated-passages", type=int, default=None, help="0 = whole corpus")
-    p.add_argument("--diversity-prompts", type=int, default=None)
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
 
 
 def _raise_on_sigterm(signum: int, _frame: Any) -> None:
@@ -266,15 +250,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
-    if args.domain is not None and args.domain != "pydoc":
-        args.domain = str(Path(args.domain).expanduser().resolve())
+    domain = domains.resolve(args.domain)
+    # Results record a bundled domain by its name, so a results file resumes from any checkout.
+    domain_label = domain.key if args.domain in domains.DOMAINS else domain.path
+    args.domain = domain.path
+    args.out = args.out or domain.out
+    args.report = args.report or domain.report
+    if args.domain is not None:
         # Rounds read named data only from the round data directory (core/datafiles.py):
         # the study, as the operator, points it at the domain's folder.
         os.environ["SELFLM_ROUND_DATA_DIR"] = str(Path(args.domain).parent)
     common, per_arm = parse_sets(args.sets)
     base_cfg = SMALL_MEASURE if args.small else FULL_MEASURE
     overrides = {
-        "test_passages": args.test_passages,
+        "test_passages": args.test_passages
+        if args.test_passages is not None
+        else domain.test_passages,
         "unrelated_passages": args.unrelated_passages,
         "diversity_prompts": args.diversity_prompts,
     }
@@ -283,14 +274,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Validate every arm's parameters before spending minutes on the base import.
     for arm in arms:
-        arm_params(arm, args.seed + 1, args.domain, args.small, common, per_arm)
+        try:
+            arm_params(arm, args.seed + 1, args.domain, args.small, common, per_arm)
+        except ValueError as e:
+            raise SystemExit(f"arm {arm}: {e}") from None
 
     sets = build_eval_sets(args.domain, args.unrelated, cfg)
+    if args.traffic is None and any(
+        arm_params(a, 1, args.domain, args.small, common, per_arm).prompt_source == "served"
+        for a in arms
+    ):
+        args.traffic = traffic.stream_for(sets.info["domain_name"])
     results = Results.open(args.out)
     meta_now = {
         "results_version": RESULTS_VERSION,
         "base_model": args.base_model,
-        "domain": args.domain,
+        "domain": domain_label,
         "unrelated": str(Path(args.unrelated).expanduser()),
         "small": args.small,
         "seed": args.seed,

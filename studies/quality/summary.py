@@ -10,11 +10,22 @@ from typing import Any
 # The issue's targets for the selflm arm after N rounds (relative to the base model).
 TEST_GAIN = 0.05  # test ppl at least 5% lower
 UNRELATED_SLACK = 0.02  # unrelated ppl at most 2% higher
-DIVERSITY_BAND = 0.05  # distinct-2 and repetition rate within 5% of the base's
+DIVERSITY_BAND = 0.05  # distinct-2 within 5% of the base's
+# Repetition: within NOISE_SE standard errors of the probe's own sampling noise (the spread of
+# the whole-probe statistic over sampling seeds on one checkpoint, docs/quality/probe_noise.json);
+# without a noise measurement for the probe in use, within DIVERSITY_BAND relative.
+NOISE_SE = 2.0
+BASELINE_ARM = "real_only"  # the target arm must beat it on test at the same real-token budget
 
 ARM_NOTES = {
     "reference": "the reference article's loop (see below)",
     "selflm": "the round defaults",
+    "real_only": "update on real replay text only, as many real tokens as selflm used",
+    "real_only_matched": "update on real replay text only, as many tokens as selflm trains on",
+    "served": "prompts from recorded POST /generate traffic (a fixed question stream)",
+    "probe128": "the diversity gate on a 128-prompt probe",
+    "kl_anchor": "KL anchor to the lineage base on replay text",
+    "drift_gate": "128-prompt gate probe and the KL anchor together",
     "no_replay": "defaults without real replay text",
     "no_filters": "defaults without the degenerate/duplicate filters",
     "no_meta_step": "defaults with ε fixed at 1 (no interpolation)",
@@ -75,6 +86,10 @@ class ArmSummary:
     distinct2_change: float | None
     repetition_change: float | None
     worse_than_parent: list[tuple[int, float]]  # (round, relative test-ppl increase)
+    repetition_band: float | None = None  # absolute, NOISE_SE standard errors of the probe
+    baseline_test_ppl: float | None = None  # BASELINE_ARM's test ppl at the same round
+    decisions_checked: int = 0
+    decisions_mismatched: list[int] | None = None  # rounds whose decision does not replay
 
     @property
     def checks(self) -> list[tuple[str, str, bool | None, str]]:
@@ -100,16 +115,51 @@ class ArmSummary:
             f"over by {(u or 0) * 100 - UNRELATED_SLACK * 100:.2f} points",
         )
         out.append(("unrelated ppl ≤ 2% above base", pct(u), met, gap))
-        for name, change in (
-            ("distinct-2 within ±5% of base", self.distinct2_change),
-            ("repetition rate within ±5% of base", self.repetition_change),
-        ):
-            met, gap = check(
-                change,
-                change is not None and abs(change) <= DIVERSITY_BAND,
-                f"outside by {abs(change or 0) * 100 - DIVERSITY_BAND * 100:.2f} points",
+        if self.baseline_test_ppl is not None:
+            mine, theirs = num(self.final.get("test_ppl")), self.baseline_test_ppl
+            r = rel(mine, theirs)
+            met, gap = check(r, r is not None and r < 0, f"{pct(r)} vs {BASELINE_ARM}")
+            out.append(
+                (
+                    f"test ppl below {BASELINE_ARM} (same real-token budget)",
+                    f"{fmt(mine)} vs {fmt(theirs)} ({pct(r)})",
+                    met,
+                    gap,
+                )
             )
-            out.append((name, pct(change), met, gap))
+        d2 = self.distinct2_change
+        met, gap = check(
+            d2,
+            d2 is not None and abs(d2) <= DIVERSITY_BAND,
+            f"outside by {abs(d2 or 0) * 100 - DIVERSITY_BAND * 100:.2f} points",
+        )
+        out.append(("distinct-2 within ±5% of base", pct(d2), met, gap))
+        rep_base, rep_final = (
+            num(self.base.get("repetition_rate")),
+            num(self.final.get("repetition_rate")),
+        )
+        if self.repetition_band is not None and rep_base is not None and rep_final is not None:
+            diff = rep_final - rep_base
+            ok = abs(diff) <= self.repetition_band
+            out.append(
+                (
+                    f"repetition within ±{NOISE_SE:g} SE of the probe's noise "
+                    f"(±{self.repetition_band:.4f})",
+                    f"{diff:+.4f} ({pct(self.repetition_change)})",
+                    ok,
+                    "" if ok else f"outside by {abs(diff) - self.repetition_band:.4f}",
+                )
+            )
+        else:
+            c = self.repetition_change
+            met, gap = check(
+                c,
+                c is not None and abs(c) <= DIVERSITY_BAND,
+                f"outside by {abs(c or 0) * 100 - DIVERSITY_BAND * 100:.2f} points",
+            )
+            out.append(
+                ("repetition rate within ±5% of base (no probe-noise file)", pct(c), met, gap)
+            )
         worst = max((w for _, w in self.worse_than_parent), default=None)
         ok = not self.worse_than_parent
         detail = ", ".join(f"round {r} ({w * 100:+.2f}%)" for r, w in self.worse_than_parent)
@@ -121,10 +171,56 @@ class ArmSummary:
                 "" if ok else f"worst {pct(worst)}: {detail}",
             )
         )
+        bad = self.decisions_mismatched or []
+        out.append(
+            (
+                "every decision reproducible from its recorded metrics",
+                f"{self.decisions_checked - len(bad)} of {self.decisions_checked} rounds",
+                not bad if self.decisions_checked else None,
+                "" if not bad else "rounds " + ", ".join(map(str, bad)),
+            )
+        )
         return out
 
 
-def summarize(arm: str, recs: list[dict[str, Any]]) -> ArmSummary | None:
+def replay_decision(rec: dict[str, Any], margin: float) -> bool | None:
+    """The decision the round's recorded metrics imply for a dev-gated round: promote iff the
+    gate ppl at the decided ε beats the champion's dev ppl by the margin and diversity held
+    there; None when the metrics needed are not recorded (e.g. the generated gate)."""
+    m = rec.get("round_metrics") or {}
+    eps = num(m.get("decide.epsilon"))
+    champ = num(m.get("evaluate.champion_dev_ppl"))
+    if eps is None or champ is None or champ <= 0:
+        return None
+    cand = num(m.get(f"meta_step.gate_ppl_eps_{eps:g}"))
+    if cand is None:
+        cand = num(m.get("evaluate.candidate_dev_ppl"))
+    if cand is None:
+        return None
+    improvement = (champ - cand) / champ
+    ok = m.get(f"decide.diversity_ok_eps_{eps:g}")
+    diversity_ok = True if ok is None else bool(num(ok))
+    return improvement >= margin and diversity_ok
+
+
+def repetition_band(noise: dict[str, Any] | None, measure: dict[str, Any]) -> float | None:
+    """NOISE_SE × the probe's repetition SD, if ``noise`` was measured on the probe in use."""
+    if not noise:
+        return None
+    same = noise.get("prompts") == measure.get("diversity_prompts") and noise.get(
+        "max_new_tokens"
+    ) == measure.get("max_new_tokens")
+    sd = num(noise.get("repetition_sd"))
+    return NOISE_SE * sd if same and sd is not None else None
+
+
+def summarize(
+    arm: str,
+    recs: list[dict[str, Any]],
+    params: dict[str, Any] | None = None,
+    band: float | None = None,
+    baseline: list[dict[str, Any]] | None = None,
+) -> ArmSummary | None:
     by_round = {r["round"]: r for r in recs}
     if 0 not in by_round:
         return None
@@ -139,6 +235,21 @@ def summarize(arm: str, recs: list[dict[str, Any]]) -> ArmSummary | None:
         if change is not None and change > 0:
             worse.append((i, change))
     rounds = [r for i, r in by_round.items() if i > 0]
+    params = params or {}
+    checked, mismatched = 0, []
+    if params.get("gate", "dev") == "dev":
+        margin = float(params.get("promotion_margin", 0.0))
+        for r in sorted(rounds, key=lambda r: r["round"]):
+            if r.get("status") != "succeeded":
+                continue
+            expected = replay_decision(r, margin)
+            if expected is None:
+                continue
+            checked += 1
+            if expected != bool(r.get("promoted")):
+                mismatched.append(r["round"])
+    base_line = {r["round"]: r for r in baseline or []}
+    theirs = base_line.get(last)
     return ArmSummary(
         arm=arm,
         rounds=last,
@@ -151,6 +262,10 @@ def summarize(arm: str, recs: list[dict[str, Any]]) -> ArmSummary | None:
         distinct2_change=rel(final.get("distinct_2"), base.get("distinct_2")),
         repetition_change=rel(final.get("repetition_rate"), base.get("repetition_rate")),
         worse_than_parent=worse,
+        repetition_band=band,
+        baseline_test_ppl=num(theirs.get("test_ppl")) if theirs and baseline is not None else None,
+        decisions_checked=checked,
+        decisions_mismatched=mismatched,
     )
 
 

@@ -93,7 +93,7 @@ def test_quality_smoke(tmp_path: Path) -> None:
 
     text = report.read_text()
     assert "## What the numbers say" in text and "### reference" in text
-    png = report.with_name("quality_test_ppl.png")
+    png = report.with_name("quality_rounds.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # --resume with everything done runs no round and keeps the notes written by hand.
