@@ -26,6 +26,7 @@ from core.modeling.device import pick_device
 from core.registry import CheckpointRef
 from core.round_params import RoundParams
 from core.settings import Settings
+from worker.rounds import lora
 from worker.rounds.data import (
     SPLIT_SEED,
     Corpus,
@@ -76,6 +77,8 @@ class Prepared:
 def prepare(champion: CheckpointRef, settings: Settings, p: RoundParams) -> Prepared:
     loaded = registry.open(champion, pick_device(settings.device), torch.float32)
     tok = loaded.tokenizer
+    if p.update_method == "lora":
+        lora.resolve_targets(loaded.model, p)  # fail now, not after minutes of generation
     # A named corpus is read from the operator's round data directory only (datafiles).
     corpus = load_corpus(
         p.corpus,
@@ -271,12 +274,16 @@ def update(
     on_epoch: Callable[[EpochStats], None],
 ) -> Update:
     """Fine-tune a copy of the champion on the selection plus real replay text; progress in
-    optimizer steps of the planned total, with the epoch's running train loss."""
+    optimizer steps of the planned total, with the epoch's running train loss. A LoRA round
+    trains an adapter on the copy and merges it (:mod:`.lora`): the candidate is plain."""
     replay, got = replay_ids(
         passages(corpus.train), tok, sel.train, p.replay_fraction, p.max_length, rng
     )
-    base_state = state_copy(model)
     candidate = copy.deepcopy(model)
+    if p.update_method == "lora":
+        candidate, base_state = lora.wrap(candidate, p)
+    else:
+        base_state = state_copy(model)
     cfg = TrainConfig(
         learning_rate=p.learning_rate,
         epochs=p.epochs,
@@ -295,6 +302,8 @@ def update(
             step, planned, "steps", lambda: {"loss": round(loss(), 4)}
         ),
     )
+    if p.update_method == "lora":
+        candidate = lora.merge(candidate)
     return Update(
         candidate=candidate,
         base_state=base_state,
