@@ -180,7 +180,7 @@ class Bench:
         self.ensure_base_measured(base_dir)
         root = self.work / method
         round_no = len(done) + 1
-        settings, db = open_arm_store(root, base_dir, self.a.base_model, self.a.device, False)
+        _, db = open_arm_store(root, base_dir, self.a.base_model, self.a.device, False)
         rows = finished_rounds(db)  # closes a round an interrupted run left open
         db.dispose()
         if len(rows) != len(done):

@@ -60,11 +60,12 @@ class RoundParams(BaseModel):
     # plain weights before the meta-step; "full": every weight (see docs/design.md).
     update_method: Literal["full", "lora"] = "full"
     lora_rank: int = Field(default=8, ge=1, le=256)
-    lora_alpha: float = Field(default=16.0, gt=0, le=4096)
+    lora_alpha: int = Field(default=16, ge=1, le=4096)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    lora_target_modules: list[
-        Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=LORA_TARGET)]
-    ] | None = Field(
+    lora_target_modules: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=LORA_TARGET)]]
+        | None
+    ) = Field(
         default=None,
         description="module names to adapt (peft suffix match); default: peft's choice for "
         "the architecture (q_proj and v_proj for Llama)",

@@ -18,7 +18,6 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
-
 from sqlalchemy import select
 
 from app.main import create_app

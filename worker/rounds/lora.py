@@ -72,8 +72,7 @@ def _default_targets(model: Any) -> list[str]:
     targets = defaults.get(model_type or "")
     if not targets:
         raise LoraTargetError(
-            f"no default LoRA target modules for model type {model_type!r}; "
-            "set lora_target_modules"
+            f"no default LoRA target modules for model type {model_type!r}; set lora_target_modules"
         )
     return list(targets)
 
@@ -139,7 +138,7 @@ def wrap(model: Any, p: RoundParams) -> tuple[Any, PartialState]:
     trainable = sum(t.numel() for t in wrapped.parameters() if t.requires_grad)
     total = sum(t.numel() for t in wrapped.parameters())
     log.info(
-        "LoRA rank %d alpha %g on %d modules (%s): %d trainable of %d parameters",
+        "LoRA rank %d alpha %d on %d modules (%s): %d trainable of %d parameters",
         p.lora_rank,
         p.lora_alpha,
         len(names),

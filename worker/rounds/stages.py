@@ -280,6 +280,7 @@ def update(
         passages(corpus.train), tok, sel.train, p.replay_fraction, p.max_length, rng
     )
     candidate = copy.deepcopy(model)
+    base_state: dict[str, torch.Tensor]
     if p.update_method == "lora":
         candidate, base_state = lora.wrap(candidate, p)
     else:
