@@ -217,6 +217,31 @@ class Bench:
         )
         return True
 
+    def run_within(self, budget_s: float) -> None:
+        """Rounds in turn (the method with fewer done first, full on a tie) while the next
+        one is expected to finish inside ``budget_s`` (its method's slowest round so far, or
+        any method's before it has one, plus a fifth and a minute to measure); one round
+        always runs."""
+        started = time.perf_counter()
+        took: dict[str, float] = {}
+        ran = 0
+        while True:
+            counts = {m: len(self.state["rounds"][m]) for m in METHODS}
+            method = min(METHODS, key=lambda m: counts[m])
+            if counts[method] >= self.a.rounds:
+                return
+            mine = [r["wall_s"] for r in self.state["rounds"][method]] + [took.get(method, 0)]
+            every = [r["wall_s"] for m in METHODS for r in self.state["rounds"][m]]
+            expect = 1.2 * max(mine if max(mine) else every + list(took.values()) + [0]) + 60
+            left = budget_s - (time.perf_counter() - started)
+            if ran and expect > left:
+                log.info("stopping: %s's next round needs ~%.0fs, %.0fs left", method, expect, left)
+                return
+            t0 = time.perf_counter()
+            self.next_round(method)
+            took[method] = time.perf_counter() - t0
+            ran += 1
+
     def report(self) -> dict[str, Any]:
         base = self.state["base"]
         lines = [
@@ -263,6 +288,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--method", choices=METHODS, help="run this method's next round")
     ap.add_argument("--all", action="store_true", help="run every round of both methods")
     ap.add_argument("--pair", action="store_true", help="run the next round of both methods")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="run rounds (full and lora in turn) while the next one should fit this many seconds",
+    )
     ap.add_argument("--quick", action="store_true", help="fewer prompts and eval passages")
     ap.add_argument("--prepare", action="store_true", help="import and measure the base only")
     ap.add_argument("--report", action="store_true", help="print the table, write the JSON")
@@ -297,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.pair:
         for method in METHODS:
             bench.next_round(method)
+    elif a.budget_s:
+        bench.run_within(a.budget_s)
     elif a.method:
         bench.next_round(a.method)
     if a.report or a.all:
