@@ -5,14 +5,24 @@ The defaults finish in a few minutes on a 2-core CPU with SmolLM2-135M.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from core.datafiles import DataFileError, check_name
 
 # One explicit prompt, in characters (the count is capped by `prompts`' max_length).
 MAX_PROMPT_CHARS = 16_384
+# A LoRA target: a module name or dotted suffix ("q_proj", "self_attn.q_proj"), as peft
+# matches it. Checked against the model's modules when the round starts (worker.rounds.lora).
+LORA_TARGET = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"
 
 
 class RoundParams(BaseModel):
@@ -46,6 +56,22 @@ class RoundParams(BaseModel):
     epochs: int = Field(default=2, ge=1, le=20)
     batch_size: int = Field(default=8, ge=1, le=256)
     max_length: int = Field(default=256, ge=16, le=4096)
+    # "lora": train a low-rank adapter (peft) on the champion's frozen weights, merged into
+    # plain weights before the meta-step; "full": every weight (see docs/design.md).
+    update_method: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(default=8, ge=1, le=256)
+    lora_alpha: int = Field(default=16, ge=1, le=4096)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_target_modules: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=LORA_TARGET)]]
+        | None
+    ) = Field(
+        default=None,
+        description="module names to adapt (peft suffix match); default: peft's choice for "
+        "the architecture (q_proj and v_proj for Llama)",
+        min_length=1,
+        max_length=64,
+    )
     # evaluate
     corpus: str | None = Field(
         default=None,
@@ -99,4 +125,6 @@ class RoundParams(BaseModel):
             raise ValueError("prompts must contain at least one non-empty prompt")
         if any(not 0 < e <= 2 for e in self.epsilon_grid):
             raise ValueError("epsilon_grid values must be in (0, 2]")
+        if self.update_method != "lora" and self.lora_target_modules is not None:
+            raise ValueError("lora_target_modules needs update_method 'lora'")
         return self

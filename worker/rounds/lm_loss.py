@@ -57,6 +57,8 @@ def decoder_and_head(model: Any) -> tuple[Any, Tensor] | None:
     plain bias-free linear map of the decoder's last hidden state."""
     if _full_logits:
         return None
+    if hasattr(model, "get_base_model"):  # a peft wrapper: its adapters live in the model
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in CHUNKED_TYPES:
         return None

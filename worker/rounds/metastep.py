@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Delta", "MetaStepResult", "interpolate_into", "meta_step", "state_copy"]
+__all__ = ["Delta", "MetaStepResult", "PartialState", "interpolate_into", "meta_step", "state_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,12 @@ class MetaStepResult:
 
 def _rank(value: float) -> float:
     return value if not math.isnan(value) else math.inf
+
+
+class PartialState(dict[str, Tensor]):
+    """A base state that covers only the weights a round changed (a LoRA round's adapted
+    weights, :mod:`worker.rounds.lora`); every other weight of the candidate still equals
+    the champion's. The delta and the interpolation then cover these weights alone."""
 
 
 def _alias_key(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]:
@@ -81,11 +87,14 @@ def interpolate_into(
     The sum is formed in float64 and rounded once to the parameter's dtype. With a float64
     ``delta`` (as :func:`meta_step` builds it) ε = 1 gives back the fine-tuned weights bit
     for bit and ε = 0 the base, which a float32 delta cannot promise when a weight changes
-    sign or magnitude. Non-floating entries (integer buffers) are left alone.
+    sign or magnitude. Non-floating entries (integer buffers) are left alone, and so are
+    the weights a :class:`PartialState` base does not cover.
     """
     with torch.no_grad():
         for keys, target in _float_groups(model):
             key = next((k for k in keys if k in base and k in delta), None)
+            if key is None and isinstance(base, PartialState) and not any(k in base for k in keys):
+                continue
             if key is None:
                 raise KeyError(f"no base/delta entry for {keys[0]!r}")
             b = base[key].to(target.device, torch.float64)
@@ -134,6 +143,8 @@ def _delta(model: Any, base_state: Mapping[str, Tensor]) -> Delta:
     copies = state_copy(model)
     for keys, _ in _float_groups(model):
         key = next((k for k in keys if k in base_state), None)
+        if key is None and isinstance(base_state, PartialState):
+            continue  # a weight the round did not change
         if key is None:
             raise KeyError(f"base state lacks {keys[0]!r}")
         for k in keys:

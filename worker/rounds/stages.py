@@ -26,6 +26,7 @@ from core.modeling.device import pick_device
 from core.registry import CheckpointRef
 from core.round_params import RoundParams
 from core.settings import Settings
+from worker.rounds import lora
 from worker.rounds.data import (
     SPLIT_SEED,
     Corpus,
@@ -100,6 +101,8 @@ def prepare(champion: CheckpointRef, settings: Settings, p: RoundParams) -> Prep
     loaded = registry.open(champion, pick_device(settings.device), torch.float32)
     parent = parent_weights(champion, loaded.model)
     tok = loaded.tokenizer
+    if p.update_method == "lora":
+        lora.resolve_targets(loaded.model, p)  # fail now, not after minutes of generation
     # A named corpus is read from the operator's round data directory only (datafiles).
     corpus = load_corpus(
         p.corpus,
@@ -300,10 +303,15 @@ def update(
 ) -> Update:
     """Fine-tune the champion's model in place on the selection plus real replay text
     (``parent`` keeps its weights); progress in optimizer steps of the planned total, with
-    the epoch's running train loss. The best epoch's weights wait in ``spill_dir``."""
+    the epoch's running train loss. The best epoch's weights wait in ``spill_dir``. A LoRA
+    round trains an adapter injected into the model and merges it (:mod:`.lora`): the
+    candidate is the same plain model."""
     replay, got = replay_ids(
         passages(corpus.train), tok, sel.train, p.replay_fraction, p.max_length, rng
     )
+    # LoRA: peft injects the adapter into `model` in place; the meta-step's base stays
+    # `parent` (the champion's files), whose delta is zero outside the adapted weights.
+    trained = lora.wrap(model, p)[0] if p.update_method == "lora" else model
     cfg = TrainConfig(
         learning_rate=p.learning_rate,
         epochs=p.epochs,
@@ -314,7 +322,7 @@ def update(
         spill_dir=str(spill_dir) if spill_dir is not None else None,
     )
     result = finetune(
-        model,
+        trained,
         tok,
         sel.train + replay,
         sel.valid,
@@ -324,6 +332,8 @@ def update(
             step, planned, "steps", lambda: {"loss": round(loss(), 4)}
         ),
     )
+    if p.update_method == "lora":
+        model = lora.merge(trained)  # the same module tree, adapters folded in
     return Update(
         candidate=model,
         base_state=parent,
