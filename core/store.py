@@ -209,39 +209,78 @@ def _mismatch(fp: Path, exp: Expected, actual: str) -> CheckpointError:
     )
 
 
-def read_checked(fp: Path, exp: Expected | None) -> bytearray:
-    """Read `fp` once into process memory, hashing each chunk as it arrives; the returned
-    bytes are the bytes that were checked (no second read a rewrite could slip into).
+class CheckedReader:
+    """Reads one file front to back into caller-provided memory, hashing every byte on the
+    way in; :meth:`finish` then refuses the file unless it ended where the manifest says and
+    hashed to the recorded digest. Use what was read only after `finish` returned: those are
+    the bytes that were checked (no second read a rewrite could slip into).
 
-    Reading and hashing release the GIL; between chunks the thread also yields it, so a
-    load in a background thread leaves the decoding thread free to run. `exp` None reads
-    without checking. CheckpointError on a missing file, a size or digest mismatch.
+    Reads go in chunks of READ_CHUNK; reading and hashing release the GIL and the thread
+    yields it between chunks, so a load in a background thread leaves a decoding thread
+    free to run. `exp` None reads without checking. CheckpointError on a missing file, a
+    size or digest mismatch.
     """
-    try:
-        f = fp.open("rb")
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{fp} is missing") from e
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if exp is not None and exp.size is not None and size != exp.size:
-            raise CheckpointError(f"size mismatch for {fp}: manifest {exp.size}, file {size}")
-        # Anonymous, lazily zeroed memory: only the pages read into count towards the RSS.
-        data = bytearray(size)
-        view = memoryview(data)
-        h = _hasher(exp.algorithm) if exp is not None else None
-        done = 0
-        while done < size:
-            n = f.readinto(view[done : done + READ_CHUNK])
+
+    def __init__(self, fp: Path, exp: Expected | None) -> None:
+        self.fp, self.exp = fp, exp
+        try:
+            self._f = fp.open("rb", buffering=0)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{fp} is missing") from e
+        self.size = os.fstat(self._f.fileno()).st_size
+        if exp is not None and exp.size is not None and self.size != exp.size:
+            self._f.close()
+            raise CheckpointError(f"size mismatch for {fp}: manifest {exp.size}, file {self.size}")
+        self._h = _hasher(exp.algorithm) if exp is not None else None
+        self.done = 0
+
+    def __enter__(self) -> CheckedReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._f.close()
+
+    def readinto(self, buf: memoryview) -> None:
+        """Fill `buf` (a byte view) with the next len(buf) bytes of the file."""
+        filled, want = 0, len(buf)
+        while filled < want:
+            n = self._f.readinto(buf[filled : min(want, filled + READ_CHUNK)])
             if not n:
-                raise CheckpointError(f"{fp} shrank while being read ({done} of {size} bytes)")
-            if h is not None:
-                h.update(view[done : done + n])
-            done += n
+                raise CheckpointError(
+                    f"{self.fp} ended early ({self.done + filled} of {self.size} bytes)"
+                )
+            if self._h is not None:
+                self._h.update(buf[filled : filled + n])
+            filled += n
             time.sleep(0)
-        view.release()
-    if exp is not None and h is not None and (actual := h.hexdigest()) != exp.digest:
-        raise _mismatch(fp, exp, actual)
-    return data
+        self.done += filled
+
+    def skip(self, n: int) -> None:
+        """Read and hash `n` bytes that are not kept."""
+        scratch = memoryview(bytearray(min(max(n, 1), READ_CHUNK)))
+        while n > 0:
+            step = min(n, len(scratch))
+            self.readinto(scratch[:step])
+            n -= step
+
+    def finish(self) -> None:
+        """Hash what is left of the file and compare with the manifest."""
+        if self.done < self.size:
+            self.skip(self.size - self.done)
+        if self._f.read(1):
+            raise CheckpointError(f"{self.fp} grew while being read")
+        exp, h = self.exp, self._h
+        if exp is not None and h is not None and (actual := h.hexdigest()) != exp.digest:
+            raise _mismatch(self.fp, exp, actual)
+
+
+def read_checked(fp: Path, exp: Expected | None) -> bytes:
+    """A small file's bytes, checked (see CheckedReader)."""
+    with CheckedReader(fp, exp) as r:
+        data = bytearray(r.size)
+        r.readinto(memoryview(data))
+        r.finish()
+    return bytes(data)
 
 
 def check_file(fp: Path, exp: Expected) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,12 +157,12 @@ def load_checkpoint(
     """Load a checkpoint-store directory, checking each file against `manifest` as it is read.
 
     With `manifest` (pass the one recorded in the database) every file it lists is read once
-    into process memory and hashed on the way in (:func:`core.store.read_checked`); what is
+    into process memory and hashed on the way in (:class:`core.store.CheckedReader`); what is
     loaded is exactly the bytes that were checked, so a file changed after it was written, or
     while this runs, is refused (CheckpointError) rather than served. Without it nothing is
-    checked. The weights are parsed from that private copy without a second copy: the
-    parameters are views of it, never of a file mapping, so truncating or rewriting a served
-    checkpoint cannot touch the served model (no SIGBUS) and its directory can be deleted.
+    checked. Each tensor is read straight into its own memory: never a file mapping, so
+    truncating or rewriting a served checkpoint cannot touch the served model (no SIGBUS),
+    and its directory can be deleted while it serves.
     """
     if not path.is_dir():
         raise store.CheckpointError(f"checkpoint directory {path} is missing")
@@ -176,7 +177,7 @@ def load_checkpoint(
         raise store.CheckpointError(f"checkpoint {path} has no config.json or *.safetensors")
     # The small files first: a broken config or tokenizer is refused before the weights.
     small = {
-        n: bytes(store.read_checked(path / n, expected[n] if expected else None))
+        n: store.read_checked(path / n, expected[n] if expected else None)
         for n in names
         if n not in weight_names
     }
@@ -184,13 +185,13 @@ def load_checkpoint(
     tok = _tokenizer_from(small, expected)
     state: dict[str, torch.Tensor] = {}
     for n in weight_names:
-        data = store.read_checked(path / n, expected[n] if expected else None)
-        state.update(_tensors_from(data, path / n, dtype))
+        state.update(_read_safetensors(path / n, expected[n] if expected else None, dtype))
     model = _model_from(config, state, dtype, path)
     model.to(device).eval()
     return LoadedBase(model=model, tokenizer=tok, source=str(path))
 
 
+_MAX_HEADER = 100 << 20  # safetensors' own limit
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -243,30 +244,48 @@ def _tokenizer_from(
     return tok
 
 
-def _tensors_from(data: bytearray, fp: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in `data`, as views of it (no copy) where the
-    dtype matches; CheckpointError on a malformed header or an offset outside the data."""
-    try:
-        n = int.from_bytes(data[:8], "little")
-        header: dict[str, Any] = json.loads(bytes(data[8 : 8 + n]))
-        base = 8 + n
-        raw = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0)
-        out: dict[str, torch.Tensor] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = (base + int(o) for o in info["data_offsets"])
-            if not base <= start <= end <= len(data):
-                raise ValueError(f"{name} lies outside the file")
-            dt = _ST_DTYPES[info["dtype"]]
-            chunk = raw[start:end]
-            if start % dt.itemsize:
-                chunk = chunk.clone()  # unaligned: a copy is aligned
-            t = chunk.view(dt).reshape([int(d) for d in info["shape"]])
-            out[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-        return out
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise store.CheckpointError(f"unreadable safetensors file {fp}: {e}") from e
+def _read_safetensors(
+    fp: Path, exp: store.Expected | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each read straight into its own tensor while the
+    file is hashed; returned only once the whole file matched. A tensor stored in another
+    floating dtype is converted one at a time, so the load never holds a second copy of the
+    weights. CheckpointError on a malformed header, overlapping or out-of-range tensors."""
+    with store.CheckedReader(fp, exp) as r:
+        try:
+            head = bytearray(8)
+            r.readinto(memoryview(head))
+            n = int.from_bytes(head, "little")
+            if not 0 < n <= min(r.size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {n} does not fit the file")
+            raw = bytearray(n)
+            r.readinto(memoryview(raw))
+            header: dict[str, Any] = json.loads(bytes(raw))
+            header.pop("__metadata__", None)
+            entries = sorted(
+                (int(info["data_offsets"][0]), int(info["data_offsets"][1]), name, info)
+                for name, info in header.items()
+            )
+            out: dict[str, torch.Tensor] = {}
+            pos, data_len = 0, r.size - 8 - n
+            for start, end, name, info in entries:
+                if not pos <= start <= end <= data_len:
+                    raise ValueError(f"{name} lies outside the file or overlaps another tensor")
+                r.skip(start - pos)
+                dt = _ST_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                if math.prod(shape) * dt.itemsize != end - start:
+                    raise ValueError(f"{name}: {end - start} bytes for shape {shape}")
+                t = torch.empty(shape, dtype=dt)
+                if end > start:
+                    r.readinto(t.view(-1).view(torch.uint8).numpy().data)
+                pos = end
+                out[name] = t.to(dtype) if t.is_floating_point() and dt != dtype else t
+            r.finish()
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            r.finish()  # a damaged file is reported as such (checksum), not as malformed
+            raise store.CheckpointError(f"unreadable safetensors file {fp}: {e}") from e
+    return out
 
 
 def _model_from(config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> Any:
