@@ -74,7 +74,7 @@ def _sha256_only(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _rehash(path: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
     """A manifest that records `name` as it now is (what a buggy writer would record)."""
-    out = json.loads(json.dumps(manifest))
+    out: dict[str, Any] = json.loads(json.dumps(manifest))
     out["files"][name], out["blake3"][name], out["sizes"][name] = store.hash_file(path / name)
     return out
 
