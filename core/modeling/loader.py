@@ -267,6 +267,7 @@ def _read_safetensors(
                 for name, info in header.items()
             )
             out: dict[str, torch.Tensor] = {}
+            scratch = torch.empty(0, dtype=torch.uint8)
             pos, data_len = 0, r.size - 8 - n
             for start, end, name, info in entries:
                 if not pos <= start <= end <= data_len:
@@ -276,11 +277,21 @@ def _read_safetensors(
                 shape = [int(d) for d in info["shape"]]
                 if math.prod(shape) * dt.itemsize != end - start:
                     raise ValueError(f"{name}: {end - start} bytes for shape {shape}")
-                t = torch.empty(shape, dtype=dt)
+                convert = dt.is_floating_point and dt != dtype
+                t = torch.empty(shape, dtype=dtype if convert else dt)
                 if end > start:
-                    r.readinto(t.view(-1).view(torch.uint8).numpy().data)
+                    if convert:
+                        # Through one reused scratch buffer: a temporary per tensor would be
+                        # freed into the heap and stay resident (glibc does not return it).
+                        if scratch.numel() < end - start:
+                            scratch = torch.empty(end - start, dtype=torch.uint8)
+                        raw_t = scratch[: end - start]
+                        r.readinto(raw_t.numpy().data)
+                        t.copy_(raw_t.view(dt).view(shape))
+                    else:
+                        r.readinto(t.view(-1).view(torch.uint8).numpy().data)
                 pos = end
-                out[name] = t.to(dtype) if t.is_floating_point() and dt != dtype else t
+                out[name] = t
             r.finish()
         except (ValueError, KeyError, TypeError, IndexError) as e:
             r.finish()  # a damaged file is reported as such (checksum), not as malformed

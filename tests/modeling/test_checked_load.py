@@ -217,3 +217,12 @@ def test_served_weights_do_not_depend_on_the_file(ref: CheckpointRef) -> None:
     store.discard(ref.path)  # garbage collection of an old version
     assert not ref.path.exists()
     assert torch.equal(_logits(loaded.model), before)
+
+
+def test_loading_in_another_dtype_converts_every_float_weight(ref: CheckpointRef) -> None:
+    f32 = registry.open(ref, CPU, torch.float32).model
+    bf16 = registry.open(ref, CPU, torch.bfloat16).model
+    for (name, a), (_, b) in zip(f32.state_dict().items(), bf16.state_dict().items(), strict=True):
+        assert b.dtype == (torch.bfloat16 if a.is_floating_point() else a.dtype), name
+        assert torch.equal(a.to(b.dtype), b), name
+    assert bf16.lm_head.weight.data_ptr() == bf16.model.embed_tokens.weight.data_ptr()
