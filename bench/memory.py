@@ -39,6 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_swap_args(ap, "memory")
     ap.add_argument("--steady-s", type=float, default=5.0, help="steady load duration")
     ap.add_argument("--interval", type=float, default=0.05, help="RSS sampling interval (s)")
+    ap.add_argument(
+        "--worker-round",
+        action="store_true",
+        help="measure the worker instead: one round's peak RSS per stage (bench.round_memory)",
+    )
     return ap.parse_args(argv)
 
 
@@ -57,6 +62,12 @@ def _phase(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if "--worker-round" in rest:  # the worker's memory: bench/round_memory.py
+        from bench import round_memory
+
+        rest.remove("--worker-round")
+        return round_memory.main(rest)
     args = parse_args(argv)
     setup_logging()
     prompts = bench_prompts(args.prompts, args.seed)

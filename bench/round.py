@@ -7,7 +7,9 @@ model) in float32 and measures
   ``model.generate`` with sampling on the same prompts, each reference sequence forced to
   the length the batched run produced for it (same token count on both sides;
   ``--ref-samples`` limits the reference to the first N samples, compared per token);
-* update: ``finetune`` (one epoch, autocast ``auto`` and ``off``) against the reference's
+* update: ``finetune`` as a round runs it (one epoch, autocast ``auto`` and ``off``; chunked
+  LM head, micro-batches), and as it ran before (full logits, whole batches), against the
+  reference's
   per-sample float32 loop (Adam, batch 1, ``loss.backward()`` per sample) on the same
   windows of the same texts (generated samples topped up with corpus passages), counting
   the same predicted tokens. Each run starts from a fresh copy of the loaded weights;
@@ -20,6 +22,7 @@ model) in float32 and measures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -39,6 +42,8 @@ from core.modeling.loader import load_checkpoint
 from worker.rounds.data import load_corpus, passages
 from worker.rounds.evaluate import encode_texts, split_windows
 from worker.rounds.generate import GenerateResult, generate_samples
+from worker.rounds.lm_loss import full_logits
+from worker.rounds.stages import MICRO_BATCH_TOKENS
 from worker.rounds.update import TrainConfig, autocast_dtype, finetune
 
 log = logging.getLogger("bench.round")
@@ -195,23 +200,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "warmup_steps": args.train_warmup,
     }
     passes: list[dict[str, Any]] = []
-    for mode in [m for _ in range(max(1, args.train_repeat)) for m in ("auto", "off")]:
+    # "full": the update as it ran before the memory work (full [B, T, V] logits, whole
+    # batches), on autocast auto, as the same-run baseline of the round's own settings.
+    for mode in [m for _ in range(max(1, args.train_repeat)) for m in ("auto", "off", "full")]:
         cfg = TrainConfig(
             learning_rate=args.learning_rate,
             epochs=1,
             batch_size=args.batch_size,
             max_length=args.max_length,
-            autocast=mode,
+            autocast="auto" if mode == "full" else mode,
             seed=args.seed,
+            micro_batch_tokens=0 if mode == "full" else MICRO_BATCH_TOKENS,
         )
-        amp = autocast_dtype(mode, device)
-        if args.train_warmup > 0:
-            warm = copy.deepcopy(model)
-            finetune(warm, tok, texts[: args.train_warmup * args.batch_size], [], cfg)
-            del warm
-        candidate = copy.deepcopy(model)
-        res = finetune(candidate, tok, texts, [], cfg)
-        del candidate
+        amp = autocast_dtype(cfg.autocast, device)
+        with full_logits() if mode == "full" else contextlib.nullcontext():
+            if args.train_warmup > 0:
+                warm = copy.deepcopy(model)
+                finetune(warm, tok, texts[: args.train_warmup * args.batch_size], [], cfg)
+                del warm
+            candidate = copy.deepcopy(model)
+            res = finetune(candidate, tok, texts, [], cfg)
+            del candidate
         log.info("finetune autocast %s (%s): %.1f tokens/s", mode, amp, res.tokens_per_s)
         passes.append({"autocast": mode, "tokens_per_s": res.tokens_per_s})
         # The last pass of each mode is reported: earlier ones carry one-time costs (CUDA
@@ -232,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     del candidate
     log.info("reference training: %.1f tokens/s", ref_train.tokens_per_s)
     update["reference"] = ref_train.as_dict()
-    for mode in ("auto", "off"):
+    for mode in ("auto", "off", "full"):
         entry = update[f"autocast_{mode}"]
         entry["ratio_vs_reference"] = ratio(entry["tokens_per_s"], ref_train.tokens_per_s)
         if entry["tokens"] != ref_train.tokens:
@@ -254,13 +263,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             g["ratio_vs_reference"],
         ]
     ]
-    for mode in ("auto", "off"):
+    for mode in ("auto", "off", "full"):
         e = u[f"autocast_{mode}"]
         amp_name = e["autocast_dtype"] or "none"
+        what = (
+            f"finetune before the memory work (full logits, whole batches; auto → {amp_name})"
+            if mode == "full"
+            else f"finetune (batch {args.batch_size}, autocast {mode} → {amp_name})"
+        )
         rows.append(
             [
                 "update",
-                f"finetune (batch {args.batch_size}, autocast {mode} → {amp_name})",
+                what,
                 e["tokens"],
                 e["tokens_per_s"],
                 u["reference"]["tokens_per_s"],

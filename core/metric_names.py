@@ -24,6 +24,9 @@ STAGES: Final = (GENERATE, SELECT, UPDATE, EVALUATE, META_STEP, DECIDE)
 # --------------------------------------------------------------------------- every stage
 
 SECONDS: Final = "seconds"  # the stage's wall time (also per epoch in `update`, by step)
+# The stage's memory: peak resident set size of the worker process during the stage, in
+# bytes (also under `data` for loading the champion, and under `round` for the whole round).
+MEMORY: Final = "peak_rss_bytes"
 
 # --------------------------------------------------------------------------- data
 

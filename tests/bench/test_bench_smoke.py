@@ -108,10 +108,39 @@ def test_round_smoke(tmp_path: Path, store: list[str]) -> None:
     upd = data["update"]
     _positive(upd, "texts", "windows", "tokens")
     _positive(upd["reference"], "tokens", "tokens_per_s")
-    for mode in ("autocast_auto", "autocast_off"):
+    for mode in ("autocast_auto", "autocast_off", "autocast_full"):
         _positive(upd[mode], "tokens", "tokens_per_s", "ratio_vs_reference")
         assert upd[mode]["tokens"] == upd["reference"]["tokens"] == upd["tokens"]
     assert upd["autocast_off"]["autocast_dtype"] is None
+
+
+def test_round_memory_smoke(tmp_path: Path, store: list[str]) -> None:
+    """bench.memory --worker-round: a small round in a child process, its peak RSS per stage
+    read back from the round's own metrics, the v1 store reused without being written to."""
+    out = tmp_path / "round_memory.json"
+    params = {
+        "num_prompts": 2,
+        "samples_per_prompt": 2,
+        "max_new_tokens": 8,
+        "min_words": 1,
+        "train_size": 3,
+        "valid_size": 1,
+        "eval_passages": 2,
+        "diversity_prompts": 2,
+        "epochs": 1,
+        "batch_size": 2,
+        "max_length": 32,
+    }
+    argv = [*TINY, *store, "--worker-round", "--params", json.dumps(params)]
+    data = _load(out, memory.main([*argv, "--workdir", str(tmp_path / "w"), "--out", str(out)]))
+    assert data["bench"] == "round_memory" and data["decision"] in ("promoted", "rejected")
+    for stage in ("data", "generate", "select", "update", "evaluate", "meta_step", "decide"):
+        _positive(data["stages"][stage], "peak_rss_bytes", "ratio_to_weights")
+    _positive(data, "weights_bytes", "peak_rss_bytes", "process_cpu_s", "sampled_peak_rss_bytes")
+    assert data["peak_rss_bytes"] == max(
+        v["peak_rss_bytes"] for k, v in data["stages"].items() if k != "round"
+    )
+    assert not (Path(store[1]) / "default" / "v000002").exists()  # the reused store is untouched
 
 
 def test_round_subset_reference_and_warmup(tmp_path: Path, store: list[str]) -> None:

@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,13 @@ import torch
 
 from core import registry
 from core.db.session import Database
+from core.store import verify_checkpoint
 from worker.rounds.data import prompts_from
 from worker.rounds.decide import Decision, DiversityCheck, decide
 from worker.rounds.generate import generate_samples
 from worker.rounds.metastep import MetaStepResult, interpolate_into
 from worker.rounds.textstats import DiversityStats, diversity
+from worker.rounds.weights_file import FileWeights, compatible, swapped_in
 
 log = logging.getLogger(__name__)
 
@@ -152,47 +154,90 @@ class DiversityCache:
         return stats
 
 
-def check_diversity(
+@dataclass(frozen=True)
+class References:
+    """The diversity a candidate is held to: its parent's and the lineage base's."""
+
+    parent: DiversityStats
+    base: DiversityStats | None
+
+
+def reference_diversity(
     db: Database,
     lineage: str,
     cache: DiversityCache,
     probe: Probe,
-    models: tuple[Any, Any, Any],
-    parent_manifest: dict[str, Any],
-    tolerances: tuple[float, float],
+    model: Any,
+    tokenizer: Any,
+    parent: tuple[dict[str, Any], Mapping[str, torch.Tensor]],
     on_token: Callable[[int, int], None] | None = None,
-) -> DiversityCheck:
-    """Parent, lineage base and candidate on one fixed probe; parent and base from the cache
-    when measured before. ``models`` is (parent, candidate, tokenizer); ``tolerances`` is
-    (absolute vs the parent, relative vs the base); ``on_token`` sees each probe's tokens."""
-    model, candidate, tok = models
-    parent = cache.measure(model, tok, parent_manifest, probe, on_token)
+) -> References:
+    """Parent's and lineage base's numbers on the probe, from the cache where measured before.
+
+    ``parent`` is the parent's (manifest, weights). A number not cached yet is measured with
+    ``model`` (the round's model, fine-tuned by now) holding those weights for the while, and
+    cached: no second model is loaded unless the base's files do not fit the model."""
+    manifest, weights = parent
+    parent_stats = cache.get(manifest, probe)
+    if parent_stats is None:
+        with swapped_in(model, weights):
+            parent_stats = cache.measure(model, tokenizer, manifest, probe, on_token)
     base: DiversityStats | None = None
     root = registry.lineage_root(db, lineage)
-    if root is not None and weights_key(root.manifest) == weights_key(parent_manifest):
-        base = parent
+    if root is not None and weights_key(root.manifest) == weights_key(manifest):
+        base = parent_stats
     elif root is not None:
         base = cache.get(root.manifest, probe)
         if base is None:
             try:
-                loaded = registry.open(root, model.device, torch.float32)
+                base = _measure_base(cache, probe, model, tokenizer, root, on_token)
             except Exception as e:  # the base's files are gone: check against the parent only
                 log.warning("lineage %s: base v%d unusable (%s)", lineage, root.version, e)
-            else:
-                base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe, on_token)
-                del loaded
+    return References(parent=parent_stats, base=base)
+
+
+def _measure_base(
+    cache: DiversityCache,
+    probe: Probe,
+    model: Any,
+    tokenizer: Any,
+    root: registry.CheckpointRef,
+    on_token: Callable[[int, int], None] | None,
+) -> DiversityStats:
+    verify_checkpoint(Path(root.path), root.manifest)
+    files = FileWeights.of_checkpoint(Path(root.path))
+    if compatible(model, files):
+        with swapped_in(model, files):
+            return cache.measure(model, tokenizer, root.manifest, probe, on_token)
+    loaded = registry.open(root, model.device, torch.float32)
+    try:
+        return cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe, on_token)
+    finally:
+        del loaded
+
+
+def check_diversity(
+    refs: References,
+    probe: Probe,
+    candidate: Any,
+    tokenizer: Any,
+    tolerances: tuple[float, float],
+    on_token: Callable[[int, int], None] | None = None,
+) -> DiversityCheck:
+    """The candidate, as it stands, on the probe against ``refs``; ``tolerances`` is
+    (absolute vs the parent, relative vs the base); ``on_token`` sees the probe's tokens."""
     return DiversityCheck(
-        parent=parent,
-        candidate=probe.run(candidate, tok, on_token),
+        parent=refs.parent,
+        candidate=probe.run(candidate, tokenizer, on_token),
         tolerance=tolerances[0],
-        base=base,
+        base=refs.base,
         base_tolerance=tolerances[1],
     )
 
 
 def largest_diverse_step(
     ms: MetaStepResult,
-    parent_state: dict[str, torch.Tensor],
+    parent_state: Mapping[str, torch.Tensor],
     candidate: Any,
     parent_dev_ppl: float,
     margin: float,

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.rounds.lm_loss import decoder_and_head, head_nll
+
 __all__ = [
     "IGNORE_INDEX",
     "Perplexity",
@@ -34,6 +36,7 @@ __all__ = [
     "encode_texts",
     "length_batches",
     "model_device",
+    "nll_terms",
     "pad_id_of",
     "per_sample_loss",
     "perplexity",
@@ -129,14 +132,26 @@ def collate(
     return input_ids.to(device), mask.to(device), labels.to(device)
 
 
-def token_nll(
+def nll_terms(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed NLL (float32, nats) and per-row number of predicted tokens."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Σ NLL, per-row summed NLL, per-row predicted tokens)``, float32 nats.
+
+    Only the first is differentiable (the one to train on). The LM head and the softmax run
+    a few hundred positions at a time where the architecture allows (:mod:`.lm_loss`), so
+    the batch's full [batch, length, vocabulary] logits never exist.
+    """
     targets = labels[:, 1:]
     counts = (targets != IGNORE_INDEX).sum(dim=1)
     if input_ids.shape[1] < 2:
-        return torch.zeros(input_ids.shape[0], device=input_ids.device), counts
+        zeros = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        return zeros.sum(), zeros, counts
+    split = decoder_and_head(model)
+    if split is not None:
+        decoder, weight = split
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        total, nll = head_nll(out.last_hidden_state[:, :-1, :], weight, targets)
+        return total, nll.sum(dim=1), counts
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     # float32 for the softmax even under bf16 autocast: log-probs of a 49k vocabulary lose
     # most of their precision in bf16.
@@ -147,7 +162,17 @@ def token_nll(
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view_as(targets)
-    return nll.sum(dim=1), counts
+    rows = nll.sum(dim=1)
+    return rows.sum(), rows.detach(), counts
+
+
+def token_nll(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL (float32, nats, no gradient) and per-row number of predicted
+    tokens."""
+    _, rows, counts = nll_terms(model, input_ids, attention_mask, labels)
+    return rows, counts
 
 
 def score_sequences(

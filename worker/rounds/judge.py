@@ -7,7 +7,7 @@ metrics, ``tick`` for progress inside the stage.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +23,14 @@ from worker.rounds.diversity_gate import (
     Probe,
     check_diversity,
     largest_diverse_step,
+    reference_diversity,
 )
 from worker.rounds.evaluate import perplexity
 from worker.rounds.metastep import MetaStepResult
 from worker.rounds.metastep import meta_step as interpolate
 from worker.rounds.progress import Tick
 from worker.rounds.textstats import DiversityStats
+from worker.rounds.weights_file import release
 
 Ids = list[list[int]]
 
@@ -114,7 +116,7 @@ class MetaStep:
 
 def meta_step(
     candidate: Any,
-    base_state: dict[str, torch.Tensor],
+    base_state: Mapping[str, torch.Tensor],
     tok: Any,
     sets: EvalSets,
     p: RoundParams,
@@ -191,13 +193,14 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Judged:
-    """What the decide stage needs from the round so far. ``base_state`` and the meta-step's
-    delta are emptied once the ε is chosen (see :func:`decide`)."""
+    """What the decide stage needs from the round so far. ``base_state`` (the parent's
+    weights) and the meta-step's delta are released once the ε is chosen (see
+    :func:`decide`)."""
 
     parent_manifest: dict[str, Any]
     champion: Evaluation
     ms: MetaStep
-    base_state: dict[str, torch.Tensor]
+    base_state: Mapping[str, torch.Tensor]
 
 
 class _ProbeCount:
@@ -225,7 +228,7 @@ class _ProbeCount:
 def decide(
     db: Database,
     lineage: str,
-    models: tuple[Any, Any, Any],
+    models: tuple[Any, Any],
     judged: Judged,
     sets: EvalSets,
     cache: DiversityCache,
@@ -236,23 +239,32 @@ def decide(
 ) -> Verdict:
     """Promote or not. With the dev gate: the largest dev gain whose diversity holds (ε from
     best down); the reference loop compares generated-valid perplexity with no diversity
-    gate. ``models`` is (champion, candidate, tokenizer); ``record`` stores per-ε numbers.
-    Progress in probe samples drawn of the most the stage may draw."""
-    model, candidate, tok = models
+    gate. ``models`` is (candidate, tokenizer): the parent's probe numbers come from the
+    cache, or from the candidate holding the parent's weights for the while; ``record``
+    stores per-ε numbers. Progress in probe samples drawn of the most the stage may draw."""
+    candidate, tok = models
     bs, ml = p.batch_size, p.max_length
     ms = judged.ms.result
     # Parent and base (unless cached), then one candidate probe per ε tried.
     count = _ProbeCount(len(probe.prompts), 2 + len(ms.scores), tick)
+    refs = reference_diversity(
+        db,
+        lineage,
+        cache,
+        probe,
+        candidate,
+        tok,
+        (judged.parent_manifest, judged.base_state),
+        count,
+    )
 
     def check() -> DiversityCheck:
         count.epsilons_tried += 1
         return check_diversity(
-            db,
-            lineage,
-            cache,
+            refs,
             probe,
-            (model, candidate, tok),
-            judged.parent_manifest,
+            candidate,
+            tok,
             (p.diversity_tolerance, p.base_diversity_tolerance),
             count,
         )
@@ -277,11 +289,11 @@ def decide(
         verdict = judge(
             "generated-valid", judged.champion.valid_ppl, cand_valid, p.promotion_margin, None
         )
-    # Consumed: the champion's state copy and the float64 delta are the round's largest
-    # buffers, and nothing after this point needs them.
-    judged.base_state.clear()
+    # Consumed: the fine-tuned copy inside the delta is the round's largest buffer left, and
+    # nothing after this point needs it or the parent's weights.
+    release(judged.base_state)
     if ms.delta is not None:
-        ms.delta.clear()
+        release(ms.delta)
     # Measured on the weights the decision is about (ε may differ from the meta-step's).
     cand_test = perplexity(candidate, tok, sets.test, bs, ml).ppl
     return Verdict(verdict, eps, CandidateScores(cand_valid, cand_dev, cand_test, div))

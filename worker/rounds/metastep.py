@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["MetaStepResult", "interpolate_into", "meta_step", "state_copy"]
+__all__ = ["Delta", "MetaStepResult", "interpolate_into", "meta_step", "state_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class MetaStepResult:
     epsilon: float
     scores: dict[float, float]
     # θ_finetuned − θ_champion in float64, when asked for: to move to another ε later.
-    delta: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)
+    delta: Mapping[str, Tensor] | None = field(default=None, compare=False, repr=False)
 
     def ranked(self) -> list[float]:
         """ε from best to worst score (NaN last; ties keep the grid's order)."""
@@ -74,7 +74,7 @@ def _float_groups(model: Any) -> list[tuple[list[str], Tensor]]:
 
 
 def interpolate_into(
-    model: Any, base: dict[str, Tensor], delta: dict[str, Tensor], eps: float
+    model: Any, base: Mapping[str, Tensor], delta: Mapping[str, Tensor], eps: float
 ) -> None:
     """Set the model's floating-point weights to ``base + eps * delta`` in place.
 
@@ -89,27 +89,61 @@ def interpolate_into(
             if key is None:
                 raise KeyError(f"no base/delta entry for {keys[0]!r}")
             b = base[key].to(target.device, torch.float64)
-            d = delta[key].to(target.device, torch.float64)
+            if isinstance(delta, Delta):  # the same difference, with one read of `base`
+                d = delta.tuned[key].to(target.device, torch.float64) - b
+            else:
+                d = delta[key].to(target.device, torch.float64)
             # state_dict() tensors share storage with the parameters, so copy_ writes through.
             target.copy_(b.add_(d, alpha=eps))
 
 
-def _delta(model: Any, base_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    delta: dict[str, Tensor] = {}
-    for keys, tuned in _float_groups(model):
+class Delta(Mapping[str, Tensor]):
+    """θ_finetuned − θ_champion in float64, formed one tensor at a time on lookup.
+
+    Holds one float32 copy of the fine-tuned weights (not a float64 difference, which
+    would cost twice the model); ``base`` may read from the champion's files
+    (:class:`~worker.rounds.weights_file.FileWeights`). Each lookup gives the same float64
+    tensor a stored difference would. ``clear()`` drops the copy.
+    """
+
+    def __init__(self, tuned: dict[str, Tensor], base: Mapping[str, Tensor]) -> None:
+        self.tuned, self.base = tuned, base
+
+    def __getitem__(self, key: str) -> Tensor:
+        tuned = self.tuned[key]
+        if key not in self.base:
+            raise KeyError(key)
+        # float64: see interpolate_into for why the difference must not be rounded.
+        return tuned.to("cpu", torch.float64) - self.base[key].to("cpu", torch.float64)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tuned and key in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self.tuned if k in self.base)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def clear(self) -> None:
+        self.tuned = {}
+
+
+def _delta(model: Any, base_state: Mapping[str, Tensor]) -> Delta:
+    tuned: dict[str, Tensor] = {}
+    copies = state_copy(model)
+    for keys, _ in _float_groups(model):
         key = next((k for k in keys if k in base_state), None)
         if key is None:
             raise KeyError(f"base state lacks {keys[0]!r}")
-        # float64: see interpolate_into for why the difference must not be rounded.
-        d = tuned.detach().to("cpu", torch.float64) - base_state[key].to("cpu", torch.float64)
         for k in keys:
-            delta[k] = d
-    return delta
+            tuned[k] = copies[k]
+    return Delta(tuned, base_state)
 
 
 def meta_step(
     model: Any,
-    base_state: dict[str, Tensor],
+    base_state: Mapping[str, Tensor],
     grid: Sequence[float],
     score: Callable[[Any], float],
     keep_delta: bool = False,
@@ -117,8 +151,8 @@ def meta_step(
     """Try each ε in ``grid`` and leave ``model`` holding the best-scoring interpolation.
 
     ``model`` holds the fine-tuned weights on entry; ``base_state`` is the champion's state
-    (from :func:`state_copy`). ``score(model)`` is lower-is-better; a NaN score counts as
-    worst. Ties go to the ε listed first in ``grid``.
+    (from :func:`state_copy`, or read from its files). ``score(model)`` is lower-is-better;
+    a NaN score counts as worst. Ties go to the ε listed first in ``grid``.
     """
     epsilons = list(dict.fromkeys(float(e) for e in grid))
     if not epsilons:

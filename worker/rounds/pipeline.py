@@ -25,8 +25,10 @@ from core.round_params import RoundParams
 from core.settings import Settings
 from worker.rounds import judge, stages
 from worker.rounds.diversity_gate import DiversityCache, Probe
+from worker.rounds.peak_rss import PeakRss
 from worker.rounds.progress import Progress, Stage, stage
 from worker.rounds.promotion import promote_candidate
+from worker.rounds.weights_file import swapped_in
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,13 @@ class Round:
         self.settings, self.db, self.id, self.p = settings, db, round_id, params
         self.rng = random.Random(params.seed)
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}  # stage → the process's peak RSS during it (bytes)
+        self.rss = PeakRss()
         self.progress = Progress(db, round_id, settings.progress_interval_s)
         self._div_cache = DiversityCache(Path(settings.checkpoint_dir) / settings.lineage)
 
     def stage(self, name: str) -> AbstractContextManager[Stage]:
-        return stage(self.db, self.id, name, self.progress, self.timings)
+        return stage(self.db, self.id, name, self.progress, self.timings, self.peaks, self.rss)
 
     def run(self) -> RoundOutcome:
         p, settings, lineage = self.p, self.settings, self.settings.lineage
@@ -56,8 +60,12 @@ class Round:
         if champion is None:
             raise RuntimeError("no champion checkpoint: start the API once to import it")
         records.update_round(self.db, self.id, base_version=champion.version)
+        self.rss.reset()
         ready = stages.prepare(champion, settings, p)
-        records.add_metrics(self.db, self.id, mn.DATA, ready.metrics())
+        loaded = self.rss.read()
+        if loaded is not None:
+            self.peaks[mn.DATA] = loaded
+        records.add_metrics(self.db, self.id, mn.DATA, ready.metrics() | self._memory(mn.DATA))
         model, tok = ready.model, ready.tokenizer
 
         with self.stage(mn.GENERATE) as st:
@@ -79,12 +87,14 @@ class Round:
                     self.rng,
                     st.tick,
                     on_epoch=lambda e: st.record(stages.epoch_metrics(e), step=e.epoch),
+                    parent=ready.parent,
+                    spill_dir=self._div_cache.path.parent,
                 )
             )
-        candidate = upd.candidate
+        candidate = upd.candidate  # the round's one model, fine-tuned in place
 
-        with self.stage(mn.EVALUATE) as st:
-            champ = st.result(judge.evaluate(model, tok, sets, p, st.tick))
+        with self.stage(mn.EVALUATE) as st, swapped_in(candidate, upd.base_state):
+            champ = st.result(judge.evaluate(candidate, tok, sets, p, st.tick))
 
         with self.stage(mn.META_STEP) as st:
             ms = st.result(judge.meta_step(candidate, upd.base_state, tok, sets, p, st.tick))
@@ -94,7 +104,7 @@ class Round:
             verdict = judge.decide(
                 self.db,
                 lineage,
-                (model, candidate, tok),
+                (candidate, tok),
                 judge.Judged(champion.manifest, champ, ms, upd.base_state),
                 sets,
                 self._div_cache,
@@ -113,6 +123,13 @@ class Round:
 
         decision = "promoted" if verdict.decision.promote else "rejected"
         return RoundOutcome(decision, verdict.decision.reason, version)
+
+    def _memory(self, name: str) -> dict[str, float]:
+        return {mn.MEMORY: float(self.peaks[name])} if name in self.peaks else {}
+
+    def peak(self) -> dict[str, float]:
+        """The whole round's peak RSS so far (the largest stage peak), as a metric."""
+        return {mn.MEMORY: float(max(self.peaks.values()))} if self.peaks else {}
 
     def _probe(self, ready: stages.Prepared) -> Probe:
         p = self.p
@@ -152,7 +169,9 @@ def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome |
         log.exception("round %d failed", round_id)
         records.finish(db, round_id, "failed", error=f"{type(e).__name__}: {e}")
         raise
-    records.add_metrics(db, round_id, mn.ROUND, {mn.SECONDS: time.perf_counter() - started})
+    records.add_metrics(
+        db, round_id, mn.ROUND, {mn.SECONDS: time.perf_counter() - started} | rnd.peak()
+    )
     records.finish(
         db,
         round_id,

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 from core import metric_names as mn
 from core.db import rounds as records
 from core.db.session import Database
+from worker.rounds.peak_rss import PeakRss
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +132,32 @@ class Stage:
 
 @contextmanager
 def stage(
-    db: Database, round_id: int, name: str, progress: Progress, timings: dict[str, float]
+    db: Database,
+    round_id: int,
+    name: str,
+    progress: Progress,
+    timings: dict[str, float],
+    peaks: dict[str, int] | None = None,
+    rss: PeakRss | None = None,
 ) -> Iterator[Stage]:
     """Check for cancellation, open the stage's slice of the bar, time it, record its
-    ``seconds`` and close the slice. A stage that raises records nothing more."""
+    ``seconds`` and its ``memory`` (the process's peak RSS during the stage, also kept in
+    ``peaks``) and close the slice. A stage that raises records nothing more."""
     if records.is_cancelled(db, round_id):
         raise records.RoundCancelled(f"round {round_id} was cancelled")
     log.info("round %d: %s", round_id, name)
     progress.begin(name)
+    rss = rss or PeakRss()
+    rss.reset()
     started = time.perf_counter()
     yield Stage(name, db, round_id, progress)
     seconds = time.perf_counter() - started
     timings[name] = seconds
-    records.add_metrics(db, round_id, name, {mn.SECONDS: seconds})
+    values = {mn.SECONDS: seconds}
+    peak = rss.read()
+    if peak is not None:
+        values[mn.MEMORY] = float(peak)
+        if peaks is not None:
+            peaks[name] = peak
+    records.add_metrics(db, round_id, name, values)
     progress.end()

@@ -9,11 +9,11 @@ parameters into them.
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from worker.rounds.progress import Tick
 from worker.rounds.select import FilterConfig, Sample, dedup, filter_degenerate, split_train_valid
 from worker.rounds.select import select as pick
 from worker.rounds.update import EpochStats, TrainConfig, TrainResult, finetune, replay_ids
+from worker.rounds.weights_file import FileWeights, compatible
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,17 @@ Ids = list[list[int]]
 # --------------------------------------------------------------------------- prepare
 
 
+# Micro-batch size of the update's forward/backward (see TrainConfig.micro_batch_tokens).
+MICRO_BATCH_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class Prepared:
     """The champion loaded in float32 (training autocasts where that is fast), the corpus,
-    and the held-out sets tokenised once: every perplexity of the round scores these ids."""
+    and the held-out sets tokenised once: every perplexity of the round scores these ids.
+
+    ``model`` is the round's one model: the update fine-tunes it in place. ``parent`` gives
+    the champion's weights back afterwards, read from its verified files."""
 
     champion: CheckpointRef
     model: Any
@@ -62,6 +70,7 @@ class Prepared:
     corpus: Corpus
     dev: Ids
     test: Ids
+    parent: Mapping[str, torch.Tensor]
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -73,8 +82,23 @@ class Prepared:
         }
 
 
+def parent_weights(champion: CheckpointRef, model: Any) -> Mapping[str, torch.Tensor]:
+    """The champion's weights from its files (just verified by ``registry.open``), or a copy
+    in RAM where the files' tensors do not map onto the model's state one to one."""
+    try:
+        files = FileWeights.of_checkpoint(Path(champion.path))
+        if compatible(model, files):
+            return files
+    except (OSError, ValueError) as e:
+        log.warning("champion files unreadable as weights (%s); keeping a copy in RAM", e)
+    else:
+        log.info("champion files do not map onto the model's state; keeping a copy in RAM")
+    return state_copy(model)
+
+
 def prepare(champion: CheckpointRef, settings: Settings, p: RoundParams) -> Prepared:
     loaded = registry.open(champion, pick_device(settings.device), torch.float32)
+    parent = parent_weights(champion, loaded.model)
     tok = loaded.tokenizer
     # A named corpus is read from the operator's round data directory only (datafiles).
     corpus = load_corpus(
@@ -90,6 +114,7 @@ def prepare(champion: CheckpointRef, settings: Settings, p: RoundParams) -> Prep
         corpus=corpus,
         dev=encode_texts(tok, eval_sample(corpus.dev, p.eval_passages)),
         test=encode_texts(tok, eval_sample(corpus.test, p.eval_passages)),
+        parent=parent,
     )
 
 
@@ -225,10 +250,11 @@ def select(
 
 @dataclass(frozen=True)
 class Update:
-    """The fine-tuned copy (the champion's model is left as it was) and its statistics."""
+    """The fine-tuned model (the round's model, changed in place: the champion's weights
+    are in ``base_state``) and its statistics."""
 
     candidate: Any
-    base_state: dict[str, torch.Tensor]
+    base_state: Mapping[str, torch.Tensor]
     train: TrainResult
     replay_fraction: float
     replay_texts: int
@@ -269,23 +295,26 @@ def update(
     rng: random.Random,
     tick: Tick,
     on_epoch: Callable[[EpochStats], None],
+    parent: Mapping[str, torch.Tensor],
+    spill_dir: Path | None = None,
 ) -> Update:
-    """Fine-tune a copy of the champion on the selection plus real replay text; progress in
-    optimizer steps of the planned total, with the epoch's running train loss."""
+    """Fine-tune the champion's model in place on the selection plus real replay text
+    (``parent`` keeps its weights); progress in optimizer steps of the planned total, with
+    the epoch's running train loss. The best epoch's weights wait in ``spill_dir``."""
     replay, got = replay_ids(
         passages(corpus.train), tok, sel.train, p.replay_fraction, p.max_length, rng
     )
-    base_state = state_copy(model)
-    candidate = copy.deepcopy(model)
     cfg = TrainConfig(
         learning_rate=p.learning_rate,
         epochs=p.epochs,
         batch_size=p.batch_size,
         max_length=p.max_length,
         seed=p.seed,
+        micro_batch_tokens=MICRO_BATCH_TOKENS,
+        spill_dir=str(spill_dir) if spill_dir is not None else None,
     )
     result = finetune(
-        candidate,
+        model,
         tok,
         sel.train + replay,
         sel.valid,
@@ -296,8 +325,8 @@ def update(
         ),
     )
     return Update(
-        candidate=candidate,
-        base_state=base_state,
+        candidate=model,
+        base_state=parent,
         train=result,
         replay_fraction=p.replay_fraction,
         replay_texts=len(replay),

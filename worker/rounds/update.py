@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,12 +29,14 @@ from worker.rounds.evaluate import (
     encode_texts,
     length_batches,
     model_device,
+    nll_terms,
     pad_id_of,
     score_sequences,
     split_windows,
-    token_nll,
 )
 from worker.rounds.metastep import state_copy
+from worker.rounds.peak_rss import trim
+from worker.rounds.weights_file import load_into, release, spill
 
 __all__ = [
     "EpochStats",
@@ -41,6 +45,7 @@ __all__ = [
     "autocast_dtype",
     "finetune",
     "replay_ids",
+    "train_loss",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,13 @@ class TrainConfig:
     patience: int = 1
     autocast: str = "auto"  # auto | bf16 | off
     seed: int = 0
+    # Rows of a batch go through forward/backward in slices of at most this many (padded)
+    # tokens, their gradients summed: the same step, with the activations of a slice
+    # instead of the whole batch in memory. 0: the whole batch at once.
+    micro_batch_tokens: int = 0
+    # Where the best epoch's weights wait while later epochs train (a scratch safetensors
+    # file, deleted afterwards); None: in RAM, which costs one more copy of the model.
+    spill_dir: str | None = None
 
     def __post_init__(self) -> None:
         # Fail before a round has spent minutes generating data.
@@ -73,6 +85,8 @@ class TrainConfig:
             raise ValueError("learning_rate must be positive and weight_decay non-negative")
         if self.max_length < 2:
             raise ValueError("max_length must be at least 2")
+        if self.micro_batch_tokens < 0:
+            raise ValueError("micro_batch_tokens must be non-negative")
 
 
 @dataclass
@@ -160,6 +174,26 @@ def _batches(
         yield [[windows[j] for j in buckets[b]] for b in order]
 
 
+def micro_batches(batch: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
+    """``batch`` cut into consecutive slices whose padded size (rows × longest row) stays
+    within ``max_tokens`` (one row at least); the whole batch when ``max_tokens`` is 0."""
+    if max_tokens <= 0:
+        return [batch]
+    out: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    width = 0
+    for row in batch:
+        w = max(width, len(row))
+        if current and w * (len(current) + 1) > max_tokens:
+            out.append(current)
+            current, w = [], len(row)
+        current.append(row)
+        width = w
+    if current:
+        out.append(current)
+    return out
+
+
 def _running_loss(nll: torch.Tensor, tokens: int) -> float:
     return float(nll) / tokens
 
@@ -167,6 +201,33 @@ def _running_loss(nll: torch.Tensor, tokens: int) -> float:
 def _mean(nll: Sequence[float], counts: Sequence[int]) -> float | None:
     tokens = sum(counts)
     return math.fsum(nll) / tokens if tokens else None
+
+
+@dataclass(frozen=True)
+class TrainLoss:
+    """``loss``: what one step backpropagates; ``row_nll``: each row's summed NLL (nats, no
+    gradient) for the epoch's train loss."""
+
+    loss: torch.Tensor
+    row_nll: torch.Tensor
+
+
+def train_loss(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, tokens: int
+) -> TrainLoss:
+    """The fine-tuning objective of one batch: token-weighted mean NLL over the batch's
+    ``tokens`` predictions (length-bucketed batches differ in size, and a per-row mean would
+    overweight short sequences). Another term of the objective is added here."""
+    total, row_nll, _ = nll_terms(model, ids, mask, labels)
+    return TrainLoss(loss=total / tokens, row_nll=row_nll)
+
+
+def _keep(model: Any, cfg: TrainConfig, epoch: int) -> Mapping[str, torch.Tensor]:
+    """The model's weights as they are now, in RAM or in a scratch file (``spill_dir``)."""
+    if cfg.spill_dir is None:
+        return state_copy(model)
+    path = Path(cfg.spill_dir) / f".best-{os.getpid()}-{epoch}.safetensors"
+    return spill(model, path)
 
 
 def finetune(
@@ -231,7 +292,7 @@ def finetune(
     history: list[EpochStats] = []
     best_loss = math.inf
     best_epoch = 0
-    best_state: dict[str, torch.Tensor] | None = None
+    best_state: Mapping[str, torch.Tensor] | None = None
     stale = 0
     stopped_early = False
     tokens_trained = 0
@@ -246,20 +307,19 @@ def finetune(
         epoch_nll_t = torch.zeros((), dtype=torch.float64, device=device)
         epoch_tokens = 0
         for batch in batches:
-            ids, mask, labels = collate(batch, pad_id, device)
-            with _autocast(device, amp):
-                row_nll, _ = token_nll(model, ids, mask, labels)
-            count = sum(max(0, len(w) - 1) for w in batch)  # = the labels token_nll predicts
-            # Token-weighted mean over the batch: length-bucketed batches differ in size,
-            # and a per-row mean would overweight short sequences.
-            loss = row_nll.sum() / count
+            count = sum(max(0, len(w) - 1) for w in batch)  # = the labels nll_terms predicts
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            for part in micro_batches(batch, cfg.micro_batch_tokens):
+                ids, mask, labels = collate(part, pad_id, device)
+                with _autocast(device, amp):
+                    out = train_loss(model, ids, mask, labels, count)
+                out.loss.backward()  # type: ignore[no-untyped-call]
+                epoch_nll_t += out.row_nll.double().sum()
+                del out
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            epoch_nll_t += row_nll.detach().double().sum()
             epoch_tokens += count
             step += 1
             if on_step is not None:
@@ -297,16 +357,25 @@ def finetune(
         if valid_loss < best_loss:
             best_loss, best_epoch, stale = valid_loss, epoch, 0
             # Skip the copy on the last epoch: if it is the best, the model already holds it.
-            best_state = state_copy(model) if epoch < cfg.epochs else None
+            if best_state is not None:
+                release(best_state)
+            best_state = _keep(model, cfg, epoch) if epoch < cfg.epochs else None
         else:
             stale += 1
             if stale >= cfg.patience:
                 stopped_early = epoch < cfg.epochs
                 break
 
+    # The optimizer's moments and the last step's gradients go now, not when the caller
+    # drops the model: the rest of a round needs that memory.
+    del optimizer, scheduler
+    model.zero_grad(set_to_none=True)
+    trim()
     if best_epoch != history[-1].epoch and best_state is not None:
         log.info("restoring epoch %d (valid loss %.4f)", best_epoch, best_loss)
-        model.load_state_dict(best_state)
+        load_into(model, best_state)
+    if best_state is not None:
+        release(best_state)
     model.eval()
     seconds = time.perf_counter() - started
     return TrainResult(
