@@ -113,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     args.post_s,
                 )
                 swap = _phase(sampler, pid, run.load_started, run.stopped, hwm_reset)
-                swap["after_rss_bytes"] = proc_status(pid)["VmRSS"]
+                after = proc_status(pid)
+                swap["after_rss_bytes"] = after["VmRSS"]
+                swap["after_rss_anon_bytes"] = after.get("RssAnon")
+                swap["after_rss_file_bytes"] = after.get("RssFile")
         finally:
             stop_server(server)
             state.db.dispose()

@@ -273,7 +273,7 @@ def publish(
                     _lock_lineage(s, lineage)
                     v = version or _next_free_version(s, lineage, lineage_dir)
                     final = checkpoint_path(root, lineage, v)
-                    manifest = store.make_manifest(lineage, v, staged.files, **meta)
+                    manifest = store.make_manifest(lineage, v, staged, **meta)
                     store.finalize(staged, final, manifest)
                     row = Checkpoint(
                         lineage=lineage,
@@ -358,11 +358,12 @@ def promote(
 
 
 def open(ref: CheckpointRef, device: Any, dtype: Any) -> LoadedBase:
-    """Verify `ref`'s files against its recorded manifest, then load them."""
-    verify_checkpoint(ref.path, ref.manifest)
+    """Load `ref`'s files, each checked against the manifest recorded in the database as it
+    is read (BLAKE3, or sha256 for a version written before it); CheckpointError when one
+    is missing or does not match."""
     from core.modeling.loader import load_checkpoint
 
-    return load_checkpoint(ref.path, device, dtype)
+    return load_checkpoint(ref.path, device, dtype, ref.manifest)
 
 
 # --------------------------------------------------------------------------- the base

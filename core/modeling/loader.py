@@ -8,13 +8,24 @@ Accepted forms: a hub id, a local HF directory, a ``.gguf`` file,
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+try:  # transformers 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.57
+    from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from core import store
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +148,176 @@ def hf_model(name_or_path: str) -> LoadedBase:
     return LoadedBase(model=model, tokenizer=tok, source=name_or_path)
 
 
-def load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedBase:
-    """Load a checkpoint-store directory (verify it first: see store.verify_checkpoint)."""
-    tok = AutoTokenizer.from_pretrained(str(path))
-    _ensure_pad(tok)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+def load_checkpoint(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    manifest: dict[str, Any] | None = None,
+) -> LoadedBase:
+    """Load a checkpoint-store directory, checking each file against `manifest` as it is read.
+
+    With `manifest` (pass the one recorded in the database) every file it lists is read once
+    into process memory and hashed on the way in (:class:`core.store.CheckedReader`); what is
+    loaded is exactly the bytes that were checked, so a file changed after it was written, or
+    while this runs, is refused (CheckpointError) rather than served. Without it nothing is
+    checked. Each tensor is read straight into its own memory: never a file mapping, so
+    truncating or rewriting a served checkpoint cannot touch the served model (no SIGBUS),
+    and its directory can be deleted while it serves.
+    """
+    if not path.is_dir():
+        raise store.CheckpointError(f"checkpoint directory {path} is missing")
+    expected = store.expected_files(path, manifest) if manifest is not None else None
+    names = (
+        list(expected)
+        if expected is not None
+        else sorted(p.name for p in path.iterdir() if p.is_file() and p.name != store.MANIFEST)
+    )
+    weight_names = sorted(n for n in names if n.endswith(".safetensors"))
+    if not weight_names or "config.json" not in names:
+        raise store.CheckpointError(f"checkpoint {path} has no config.json or *.safetensors")
+    # The small files first: a broken config or tokenizer is refused before the weights.
+    small = {
+        n: store.read_checked(path / n, expected[n] if expected else None)
+        for n in names
+        if n not in weight_names
+    }
+    config = _config_from(small["config.json"])
+    tok = _tokenizer_from(small, expected)
+    state: dict[str, torch.Tensor] = {}
+    for n in weight_names:
+        state.update(_read_safetensors(path / n, expected[n] if expected else None, dtype))
+    model = _model_from(config, state, dtype, path)
     model.to(device).eval()
-    if device.type == "cpu":
-        own_memory(model)
     return LoadedBase(model=model, tokenizer=tok, source=str(path))
 
 
-def own_memory(model: Any) -> None:
-    """Copy every CPU tensor out of the safetensors file mapping into process memory.
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    On CPU, safetensors tensors can stay memory-mapped from the checkpoint file: truncating
-    that file then kills the process with SIGBUS, and overwriting it silently changes the
-    weights being served. After this the served weights are the process's own (the file is
-    only read once, right after it was verified). Tied parameters stay tied: each shared
-    Parameter object is visited once.
-    """
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu":
-                t.data = t.data.clone()
+
+def _config_from(raw: bytes) -> Any:
+    try:
+        data = json.loads(raw)
+        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise store.CheckpointError(f"unusable config.json: {e}") from e
+
+
+# Self-update rounds never change the tokenizer: a swap to a version whose tokenizer files
+# have the same digests reuses the tokenizer built last time (digest → tokenizer).
+_TOKENIZERS: dict[tuple[tuple[str, str], ...], PreTrainedTokenizerBase] = {}
+
+
+def _tokenizer_from(
+    small: dict[str, bytes], expected: dict[str, store.Expected] | None
+) -> PreTrainedTokenizerBase:
+    key = (
+        tuple(sorted((n, f"{e.algorithm}:{e.digest}") for n, e in expected.items() if n in small))
+        if expected is not None
+        else None
+    )
+    if key is not None and key in _TOKENIZERS:
+        return _TOKENIZERS[key]
+    # Built from the bytes that were checked, written to a private directory: no window in
+    # which a file swapped on disk could reach the tokenizer.
+    with tempfile.TemporaryDirectory(prefix="selflm-tok-") as tmp:
+        for name, raw in small.items():
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(raw)
+        tok = AutoTokenizer.from_pretrained(tmp)
+    _ensure_pad(tok)
+    if key is not None:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = tok
+    return tok
+
+
+def _read_safetensors(
+    fp: Path, exp: store.Expected | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each read straight into its own tensor while the
+    file is hashed; returned only once the whole file matched. A tensor stored in another
+    floating dtype is converted one at a time, so the load never holds a second copy of the
+    weights. CheckpointError on a malformed header, overlapping or out-of-range tensors."""
+    with store.CheckedReader(fp, exp) as r:
+        try:
+            head = bytearray(8)
+            r.readinto(memoryview(head))
+            n = int.from_bytes(head, "little")
+            if not 0 < n <= min(r.size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {n} does not fit the file")
+            raw = bytearray(n)
+            r.readinto(memoryview(raw))
+            header: dict[str, Any] = json.loads(bytes(raw))
+            header.pop("__metadata__", None)
+            entries = sorted(
+                (int(info["data_offsets"][0]), int(info["data_offsets"][1]), name, info)
+                for name, info in header.items()
+            )
+            out: dict[str, torch.Tensor] = {}
+            scratch = torch.empty(0, dtype=torch.uint8)
+            pos, data_len = 0, r.size - 8 - n
+            for start, end, name, info in entries:
+                if not pos <= start <= end <= data_len:
+                    raise ValueError(f"{name} lies outside the file or overlaps another tensor")
+                r.skip(start - pos)
+                dt = _ST_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                if math.prod(shape) * dt.itemsize != end - start:
+                    raise ValueError(f"{name}: {end - start} bytes for shape {shape}")
+                convert = dt.is_floating_point and dt != dtype
+                t = torch.empty(shape, dtype=dtype if convert else dt)
+                if end > start:
+                    if convert:
+                        # Through one reused scratch buffer: a temporary per tensor would be
+                        # freed into the heap and stay resident (glibc does not return it).
+                        if scratch.numel() < end - start:
+                            scratch = torch.empty(end - start, dtype=torch.uint8)
+                        raw_t = scratch[: end - start]
+                        r.readinto(raw_t.numpy().data)
+                        t.copy_(raw_t.view(dt).view(shape))
+                    else:
+                        r.readinto(t.view(-1).view(torch.uint8).numpy().data)
+                pos = end
+                out[name] = t
+            r.finish()
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            r.finish()  # a damaged file is reported as such (checksum), not as malformed
+            raise store.CheckpointError(f"unreadable safetensors file {fp}: {e}") from e
+    return out
+
+
+def _model_from(config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> Any:
+    """Build the model without initialising weights, then adopt `state`'s tensors as its
+    parameters (assign, not copy); tied weights are re-tied. A parameter the file does not
+    provide is an error, never silently left uninitialised."""
+    with no_init_weights():
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    if result.unexpected_keys:
+        log.warning("%s: ignoring unexpected weights %s", path, result.unexpected_keys[:5])
+    provided = {t.data_ptr() for t in state.values()}
+    absent = [
+        n
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if p.numel() and p.data_ptr() not in provided
+    ]
+    if absent:
+        raise store.CheckpointError(f"checkpoint {path} lacks weights for {absent[:5]}")
+    return model
 
 
 def load_base(spec: str) -> LoadedBase:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -187,8 +188,14 @@ def _check_version_1(settings: Settings, db: Database, source: str) -> Path:
     assert manifest["version"] == 1 and manifest["lineage"] == "default"
     assert manifest["source"] == source
     assert set(manifest["files"]) == names - {MANIFEST}
+    # sha256 per file (what the file API hands out), BLAKE3 and size (what a reader checks).
+    assert manifest["check"] == "blake3"
+    assert set(manifest["blake3"]) == set(manifest["sizes"]) == set(manifest["files"])
     for name, digest in manifest["files"].items():
-        assert digest == hashlib.sha256((path / name).read_bytes()).hexdigest(), name
+        data = (path / name).read_bytes()
+        assert digest == hashlib.sha256(data).hexdigest(), name
+        assert manifest["blake3"][name] == blake3.blake3(data).hexdigest(), name
+        assert manifest["sizes"][name] == len(data), name
     assert verify_checkpoint(path, manifest) == manifest
 
     # No temporary directory left beside it.
@@ -358,7 +365,7 @@ def test_rewritten_manifest_is_caught_by_the_recorded_one(
     path, manifest = stored
     _flip_byte(path / "model.safetensors")
     forged = json.loads(json.dumps(manifest))
-    forged["files"]["model.safetensors"] = hashlib.sha256(
+    forged["blake3"]["model.safetensors"] = blake3.blake3(
         (path / "model.safetensors").read_bytes()
     ).hexdigest()
     (path / MANIFEST).write_text(json.dumps(forged))
