@@ -86,8 +86,11 @@ def _sizes(top: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _step_rows_per_s(model: Any, one: DynamicCache, mask: torch.Tensor, b: int) -> float:
-    """Rows per second of a decoding step at batch `b` (best of three, after one warm step)."""
+def _step_rows_per_s(
+    model: Any, one: DynamicCache, mask: torch.Tensor, b: int, steps: int
+) -> float:
+    """Rows per second of a decoding step at batch `b`: the best of `steps - 1` after one
+    warm step (0.0 with one step: a warm-up only)."""
     cache_kw, _ = forward_kwargs(model)
     cache = copy.deepcopy(one)
     cache.batch_repeat_interleave(b)
@@ -96,7 +99,7 @@ def _step_rows_per_s(model: Any, one: DynamicCache, mask: torch.Tensor, b: int) 
     params = [SamplingParams(1, do_sample=True, temperature=0.8, top_p=0.95)] * b
     gens = [torch.Generator().manual_seed(i) for i in range(b)]
     best = float("inf")
-    for k in range(4):
+    for k in range(steps):
         m = torch.cat([m, m.new_ones((b, 1))], dim=1)
         start = time.perf_counter()
         out = model(
@@ -112,7 +115,7 @@ def _step_rows_per_s(model: Any, one: DynamicCache, mask: torch.Tensor, b: int) 
         if k:  # the first step pays first-call allocations
             best = min(best, time.perf_counter() - start)
         ids = chosen[:, None]
-    return b / best
+    return b / best if best < float("inf") else 0.0
 
 
 @torch.inference_mode()
@@ -133,10 +136,11 @@ def measure(
     rates: dict[int, float] = {}
     chosen = top
     for b in _sizes(top):
-        rates[b] = _step_rows_per_s(model, one, mask, b)
-        prev = rates.get(b // 2) if b > 1 else None
+        # A set limit needs only the warm-up: one step per size.
+        rates[b] = _step_rows_per_s(model, one, mask, b, 3 if limit is None else 1)
+        prev = rates.get(b // 2) if b // 2 >= FLOOR else None
         if limit is None and prev is not None and rates[b] < GAIN * prev:
-            chosen = max(b // 2, min(FLOOR, top))  # doubling to b bought too little
+            chosen = b // 2  # doubling to b bought too little
             break
     sizing = Sizing(
         limit=limit if limit is not None else chosen,
