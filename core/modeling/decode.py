@@ -360,28 +360,37 @@ def decode_batch(
 def token_details(row: Row, tokenizer: Any) -> list[TokenInfo]:
     """Each generated token, then the EOS token that ended the row (TGI reports it, special).
 
-    Texts are decoded incrementally, so the non-special texts add up to the generated text
-    even where one character spans several tokens.
+    Texts are decoded incrementally (core/modeling/detok.py: linear in the length), so the
+    non-special texts add up to the generated text even where one character spans several
+    tokens: the token that completes a character carries it, the ones before carry "".
     """
-    special = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     ids = list(row.generated)
     lps = list(row.logprobs)
     if row.eos_token is not None:
         ids.append(row.eos_token)
         lps.append(row.eos_logprob)
-    out: list[TokenInfo] = []
-    done: list[int] = []
-    text = ""
-    for k, (t, lp) in enumerate(zip(ids, lps, strict=True)):
-        top = row.tops[k] if k < len(row.tops) else ()
+    detok = Detokenizer(tokenizer, special)
+    pieces: list[str] = []
+    last = -1  # the last non-special token: it carries what is left at the end
+    for k, t in enumerate(ids):
         if t in special:
-            piece = tokenizer.decode([t], skip_special_tokens=False)
+            pieces.append(tokenizer.decode([t], skip_special_tokens=False))
         else:
-            done.append(t)
-            full = tokenizer.decode(done, skip_special_tokens=True)
-            piece, text = full[len(text) :], full
-        out.append(TokenInfo(id=t, text=piece, logprob=lp, special=t in special, top=top))
-    return out
+            pieces.append(detok.push(t))
+            last = k
+    if last >= 0:
+        pieces[last] += detok.flush()
+    return [
+        TokenInfo(
+            id=t,
+            text=piece,
+            logprob=lp,
+            special=t in special,
+            top=row.tops[k] if k < len(row.tops) else (),
+        )
+        for k, (t, lp, piece) in enumerate(zip(ids, lps, pieces, strict=True))
+    ]
 
 
 @torch.inference_mode()

@@ -102,3 +102,18 @@ def test_decode_batch_stops_on_a_sequence_spanning_tokens(tiny: Any) -> None:
     assert stopped.text == tok.decode(stopped.generated, skip_special_tokens=True)
     assert stop in stopped.text
     assert rows[1].generated == free.generated and rows[1].finish_reason == "length"
+
+
+def test_token_details_add_up_to_the_text_over_multibyte_characters(tok: Any) -> None:
+    from core.modeling.decode import token_details
+
+    text = "Grüße 日本語 🙂"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    row = Row(prompt_ids=[1], params=SamplingParams(len(ids)))
+    row.generated, row.logprobs = ids, [0.0] * len(ids)
+    row.eos_token, row.eos_logprob = tok.eos_token_id, 0.0
+    details = token_details(row, tok)
+    assert [d.id for d in details] == [*ids, tok.eos_token_id]
+    assert "".join(d.text for d in details if not d.special) == text
+    assert not any(REPLACEMENT in d.text for d in details)
+    assert details[-1].special and details[-1].text == tok.decode([tok.eos_token_id])
