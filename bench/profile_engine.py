@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data = {
             "run": run_info(argv),
             "label": args.label,
+            "load_avg": os.getloadavg(),
             "batch": args.batch,
             "requests": args.requests,
             "max_new_tokens": args.max_new_tokens,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import statistics
 import sys
@@ -209,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "prompts": len(prompts),
         "run": run_info(argv),
         "server_env": extra_env,
+        # Other work on the machine at the start (1, 5, 15-minute load averages).
+        "load_avg": os.getloadavg(),
         "modes": {},
     }
     with workdir_for(args.workdir, "selflm-bench-serve-") as workdir:

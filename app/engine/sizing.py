@@ -96,7 +96,8 @@ def _step_rows_per_s(
     cache.batch_repeat_interleave(b)
     m = mask.expand(b, -1)
     ids = torch.zeros((b, 1), dtype=torch.long, device=mask.device)
-    params = [SamplingParams(1, do_sample=True, temperature=0.8, top_p=0.95)] * b
+    # The batched sampling path (top-k inside the candidates: never the row-by-row one).
+    params = [SamplingParams(1, do_sample=True, temperature=0.8, top_k=50, top_p=0.95)] * b
     gens = [torch.Generator().manual_seed(i) for i in range(b)]
     best = float("inf")
     for k in range(steps):
@@ -130,9 +131,12 @@ def measure(
     context = max(1, min(context, max_context - 8))
     prompt = torch.arange(context, device=device)[None, :] % 100 + 10
     mask = torch.ones_like(prompt)
-    cache_kw, _ = forward_kwargs(model)
+    cache_kw, has_keep = forward_kwargs(model)
     one = DynamicCache()
-    model(input_ids=prompt, attention_mask=mask, use_cache=True, **{cache_kw: one})
+    extra: dict[str, Any] = {cache_kw: one, "use_cache": True}
+    if has_keep:
+        extra["logits_to_keep"] = 1
+    model(input_ids=prompt, attention_mask=mask, **extra)
     rates: dict[int, float] = {}
     chosen = top
     for b in _sizes(top):
