@@ -4,8 +4,10 @@ over the batch sizes the server will see (every load, so a swapped-in model star
 One row's prompt of `context` tokens is prefilled, its cache copied to b rows, and decoding
 steps are timed at b = 1, 2, 4, ... up to what memory allows. Rows per second of a step
 rise with b while the hardware has room (a CPU's matrix units, a GPU's cores) and flatten
-when it has none; the limit is the largest b whose doubling still bought `gain` more
-throughput. Past it a bigger batch only makes every row slower.
+when it has none; the limit is the largest b whose doubling still bought `GAIN` more
+throughput. The limit binds only when more requests are in flight than it allows, and
+then (Little's law: latency = requests in flight / throughput) more throughput is also
+less latency, queueing included; past the knee a bigger batch only makes every row slower.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ log = logging.getLogger(__name__)
 
 # The most rows a measured limit may reach, per device type.
 CAP = {"cpu": 64, "cuda": 256}
-# Doubling the batch must raise step throughput by at least this factor to be worth it.
-GAIN = 1.15
+# Doubling the batch must raise step throughput by at least this factor to be worth it
+# (above the noise of a two-sample timing).
+GAIN = 1.05
 # A measured limit is at least this (a noisy measurement must not leave clients queueing).
 FLOOR = 8
 # Share of free memory the KV cache of a full batch may take, at `TYPICAL_CONTEXT` tokens.
