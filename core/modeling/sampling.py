@@ -113,18 +113,23 @@ def _sample_truncated(
     # candidates per step rather than a small transfer per row (no-op on a CPU).
     idx, probs = idx.cpu(), probs.cpu()
     greedy = logits.argmax(-1).cpu()
+    has_k = torch.tensor([p.top_k is not None for p in params])
     top_k = torch.tensor([p.top_k if p.top_k is not None else k for p in params])
     top_p = torch.tensor(
         [p.top_p if p.top_p is not None and p.top_p < 1.0 else 2.0 for p in params],
         dtype=probs.dtype,
     )
-    cum = probs.cumsum(-1)
-    # The kept set is a prefix of the sorted candidates: the top_k first, and of those the
-    # smallest prefix whose mass reaches top_p (always at least one token).
-    in_nucleus = ((cum - probs) < top_p[:, None]).sum(-1)
-    keep = torch.minimum(top_k.clamp(max=k), in_nucleus).clamp(min=1)
+    # As `warp` (and transformers): top-k first, then top-p on the renormalized top-k
+    # distribution; without top-k, top-p on the full distribution. The kept set is a
+    # prefix of the sorted candidates (always at least one token).
+    in_k = torch.arange(k)[None, :] < top_k.clamp(max=k)[:, None]
+    pk = probs.masked_fill(~in_k, 0.0)
+    mass = torch.where(has_k, pk.sum(-1), torch.ones_like(top_p))[:, None]
+    cum = pk.cumsum(-1) / mass
+    in_nucleus = ((cum - pk / mass) < top_p[:, None]) & in_k
+    keep = in_nucleus.sum(-1).clamp(min=1)
     # The full path: a top_k beyond the candidates, or a nucleus reaching beyond them.
-    full = (top_k > k) | ((top_p <= 1.0) & (cum[:, -1] < top_p))
+    full = (top_k > k) | (~has_k & (top_p <= 1.0) & (cum[:, -1] < top_p))
     pick = _inverse_cdf(probs, keep, _uniforms(generators))
     chosen = idx.gather(1, pick.clamp(min=0)[:, None])[:, 0]
     chosen = torch.where(pick >= 0, chosen, greedy)

@@ -56,3 +56,17 @@ def test_top_k_keeps_exactly_k_tokens() -> None:
     g = torch.Generator().manual_seed(0)
     chosen, _ = choose_next(logits.expand(600, -1).contiguous(), [p] * 600, [g] * 600)
     assert set(chosen.tolist()) == set(logits[0].topk(3).indices.tolist())
+
+
+def test_top_k_then_top_p_keeps_what_warp_keeps() -> None:
+    """Top-p applies to the renormalized top-k distribution (as transformers and `warp`),
+    also where the full distribution is too flat for its nucleus to fit the candidates."""
+    from core.modeling.sampling import warp
+
+    torch.manual_seed(5)
+    for logits in (torch.randn(1, 4000) * 3, torch.randn(1, 4000) * 0.1):
+        p = SamplingParams(1, do_sample=True, temperature=0.9, top_k=40, top_p=0.6)
+        support = set(torch.nonzero(warp(logits[0], p).softmax(-1)).flatten().tolist())
+        g = torch.Generator().manual_seed(0)
+        chosen, _ = choose_next(logits.expand(800, -1).contiguous(), [p] * 800, [g] * 800)
+        assert set(chosen.tolist()) == support
