@@ -85,6 +85,52 @@ def reference_generate(
     return RefResult(sequences=len(pairs), tokens=tokens, seconds=seconds)
 
 
+def padded_generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    max_new_tokens: int,
+    batch: int = 32,
+    sample: bool = False,
+    seed: int = 0,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+) -> RefResult:
+    """transformers' own batching: ``model.generate`` on left-padded batches of `batch`
+    prompts, each row to EOS or `max_new_tokens`. Counts each row's tokens up to and with
+    its EOS (as the server counts them); the padding after a finished row is not counted,
+    though the static batch computes it."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+
+    def run(chunk: Sequence[list[int]], n: int, b: int) -> int:
+        width = max(len(x) for x in chunk)
+        x = torch.tensor([[pad] * (width - len(c)) + list(c) for c in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+        kwargs: dict[str, Any] = {"max_new_tokens": n, "do_sample": sample, "pad_token_id": pad}
+        if sample:
+            torch.manual_seed(seed + b)
+            kwargs.update(temperature=temperature, top_p=top_p)
+        out = model.generate(input_ids=x, attention_mask=mask, **kwargs)
+        rows = out[:, width:].tolist()
+        return sum(r.index(eos) + 1 if eos in r else len(r) for r in rows)
+
+    ids = [i for i in prompt_ids if i]
+    if ids:
+        run(ids[:batch], 2, 0)  # warm-up at the batch's shape
+    tokens = 0
+    start = time.perf_counter()
+    for b in range(0, len(ids), batch):
+        tokens += run(ids[b : b + batch], max_new_tokens, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return RefResult(sequences=len(ids), tokens=tokens, seconds=seconds)
+
+
 def reference_train(
     model: Any, windows: Sequence[list[int]], learning_rate: float, seed: int = 0
 ) -> RefResult:

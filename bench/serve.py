@@ -5,7 +5,9 @@ Starts ``selflm serve`` (fresh SQLite database; the base checkpoint imported onc
 that send a fixed number of /generate requests from a fixed prompt list. Generated tokens
 come from the ``x-generated-tokens`` header. After the server has stopped, the reference
 loop (sequential batch-1 ``model.generate`` in float32 on the same checkpoint) generates for
-the same prompts exactly the lengths the server produced, and the ratio is printed.
+the same prompts exactly the lengths the server produced, and transformers' own padded
+``generate`` runs the same prompts in batches of ``--padded-batch`` (same sampling mode and
+``max_new_tokens``); the ratios of every level to both are printed.
 
     .venv/bin/python -m bench.serve --checkpoint-dir data/bench-ck
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import statistics
 import sys
@@ -26,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from bench.reference import load_reference, reference_generate
+from bench.reference import load_reference, padded_generate, reference_generate
 from bench.report import (
     default_out,
     md_table,
@@ -146,6 +149,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=32, help="size of the fixed prompt list")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--sample", action="store_true", help="also run every level with sampling")
+    ap.add_argument(
+        "--modes",
+        default="",
+        help="comma-separated modes to run (greedy, sample); overrides --sample",
+    )
+    ap.add_argument(
+        "--padded-batch",
+        type=int,
+        default=32,
+        help="batch of the transformers padded-generate baseline (0: skip it)",
+    )
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
@@ -183,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging()
     levels_c = [int(c) for c in args.concurrency.split(",") if c.strip()]
     modes = ["greedy", "sample"] if args.sample else ["greedy"]
+    if args.modes:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        if not set(modes) <= {"greedy", "sample"}:
+            raise SystemExit(f"--modes: greedy and/or sample, not {args.modes!r}")
     prompts = bench_prompts(args.prompts, args.seed)
     extra_env = parse_env(args.server_env)
     results: dict[str, Any] = {
@@ -192,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "prompts": len(prompts),
         "run": run_info(argv),
         "server_env": extra_env,
+        # Other work on the machine at the start (1, 5, 15-minute load averages).
+        "load_avg": os.getloadavg(),
         "modes": {},
     }
     with workdir_for(args.workdir, "selflm-bench-serve-") as workdir:
@@ -241,38 +261,88 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 temperature=args.temperature,
                 top_p=args.top_p,
             )
+            padded = None
+            if args.padded_batch > 0:
+                all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+                log.info("transformers padded generate (%s), batch %d", mode, args.padded_batch)
+                padded = padded_generate(
+                    model,
+                    tok,
+                    all_ids,
+                    args.max_new_tokens,
+                    batch=args.padded_batch,
+                    sample=mode == "sample",
+                    seed=args.seed,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                )
             for level in levels[mode]:
                 level["ratio_vs_reference"] = ratio(level["tokens_per_s"], ref.tokens_per_s)
+                if padded is not None:
+                    level["ratio_vs_padded"] = ratio(level["tokens_per_s"], padded.tokens_per_s)
             results["modes"][mode] = {
                 "levels": levels[mode],
                 "reference": {**ref.as_dict(), "dtype": "float32", "device": device},
             }
+            if padded is not None:
+                results["modes"][mode]["padded"] = {
+                    **padded.as_dict(),
+                    "batch": args.padded_batch,
+                    "dtype": "float32",
+                    "device": device,
+                }
         del model
 
     rows = []
     for mode, m in results["modes"].items():
         ref_tps = m["reference"]["tokens_per_s"]
-        rows.append([mode, "reference (batch-1 generate, fp32)", "-", ref_tps, "-", "-", 1.0])
+        pad = m.get("padded")
+        rows.append(
+            [
+                mode,
+                "reference (batch-1 generate, fp32)",
+                m["reference"]["sequences"],
+                ref_tps,
+                "-",
+                "-",
+                1.0,
+                ratio(ref_tps, pad["tokens_per_s"]) if pad else "-",
+            ]
+        )
+        if pad:
+            rows.append(
+                [
+                    mode,
+                    f"transformers generate, padded batch {pad['batch']} (fp32)",
+                    pad["sequences"],
+                    pad["tokens_per_s"],
+                    "-",
+                    "-",
+                    ratio(pad["tokens_per_s"], ref_tps),
+                    1.0,
+                ]
+            )
         for lv in m["levels"]:
             rows.append(
                 [
                     mode,
-                    f"C={lv['concurrency']}",
+                    f"selflm serve, C={lv['concurrency']}",
                     f"{lv['requests']} ({lv['failed']} failed)",
                     lv["tokens_per_s"],
                     lv["p50_latency_s"],
                     lv["p95_latency_s"],
                     lv["ratio_vs_reference"],
+                    lv.get("ratio_vs_padded", "-"),
                 ]
             )
     srv = results["server"]
     print(
         f"\n### Serving ({args.model}, server {srv.get('model_dtype')}/"
-        f"{srv.get('model_device_type')}, max_new_tokens {args.max_new_tokens})\n"
+        f"{srv.get('model_device_type')}, max batch {srv.get('max_batch_size')}, "
+        f"max_new_tokens {args.max_new_tokens})\n"
     )
-    print(
-        md_table(["mode", "clients", "requests", "tokens/s", "p50 s", "p95 s", "× reference"], rows)
-    )
+    headers = ["mode", "run", "requests", "tokens/s", "p50 s", "p95 s", "× reference"]
+    print(md_table([*headers, "× padded"], rows))
     write_json(args.out, results)
     return results
 

@@ -64,7 +64,10 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=1024, ge=1)
     default_max_new_tokens: int = Field(default=100, ge=1)
     max_stop_sequences: int = Field(default=4, ge=0)
-    max_batch_size: int = Field(default=16, ge=1)
+    # Rows decoded together. 0 or "auto" (the default): measured when the first model
+    # loads, the largest batch whose doubling still raised a decoding step's throughput
+    # (app/engine/sizing.py); the engine writes the measured limit back here.
+    max_batch_size: int = Field(default=0, ge=0)
     batch_wait_ms: float = Field(default=5.0, ge=0)
     max_queue: int = Field(default=256, ge=1)
     # New requests join a running batch between decoding steps (off: static batches).
@@ -118,6 +121,11 @@ class Settings(BaseSettings):
     # `selflm serve` on a non-loopback interface needs SELFLM_API_KEYS unless this is set
     # (for a deployment behind its own authenticating proxy).
     allow_public_without_keys: bool = False
+
+    @field_validator("max_batch_size", mode="before")
+    @classmethod
+    def _auto_batch(cls, v: object) -> object:
+        return 0 if isinstance(v, str) and v.strip().lower() == "auto" else v
 
     @field_validator("open_routes")
     @classmethod

@@ -1,30 +1,29 @@
-"""The transformers engine: a batching thread in front of the champion model.
+"""The transformers engine, request side: admission, tokenizing, deadlines, streaming.
 
-Requests go into a queue; one thread takes up to `max_batch_size` of them (waiting at most
-`batch_wait_ms` for company) and decodes them together. The model reference is read once
-per batch, so a swap takes effect between batches and a batch always finishes on the
-model it started on.
+Requests go to the batching thread (app/engine/batcher.py), which decodes them together on
+the serving model. The batch limit is measured when the first model loads unless
+SELFLM_MAX_BATCH_SIZE sets it, and every loaded model is warmed up over the batch sizes
+the server will see (app/engine/sizing.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from app.engine import surface
-from app.engine.admission import ServiceMeter, abandon_signal, check_admission, request_error
+from app.engine import sizing, surface
+from app.engine.admission import abandon_signal, check_admission
 from app.engine.admission import deadline as request_deadline
+from app.engine.batcher import Batcher, LoadedModel, Pending, timed
 from app.engine.interface import (
     EngineDeadlineError,
     EngineNotReadyError,
@@ -38,7 +37,8 @@ from app.engine.interface import (
 )
 from app.limits import current_request
 from core import registry
-from core.modeling.decode import Row, aborted, decode_batch, token_details
+from core.modeling.decode import Row
+from core.modeling.detok import Detokenizer, special_ids
 from core.modeling.device import dtype_name, pick_device, pick_dtype
 from core.modeling.params import SamplingParams, TopToken
 from core.registry import CheckpointRef
@@ -47,21 +47,7 @@ from core.store import weights_bytes
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any
-    info: ModelInfo
-
-
-@dataclass
-class _Pending:
-    row: Row
-    future: Future[GenerationResult]
-    enqueued: float
-    started: float = 0.0
-    first_token: float | None = None
+__all__ = ["LoadedModel", "TorchEngine", "context_length"]
 
 
 class _Gone:
@@ -85,24 +71,47 @@ class TorchEngine:
         self.dtype = pick_dtype(settings.dtype, self.device)
         self._current: LoadedModel | None = None
         self._lock = threading.Lock()
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="selflm-batcher", daemon=True)
-        self._thread.start()
-        self.batches = 0
-        self.requests = 0
-        self.generated_tokens = 0
-        # Overload and abandonment (docs/reliability.md): rows decoding now, measured
-        # throughput, and what was shed, abandoned, expired or failed on its own.
-        self._in_flight: dict[int, _Pending] = {}
-        self.meter = ServiceMeter(settings.max_batch_size)
+        # SELFLM_MAX_BATCH_SIZE, or measured when the first model loads (0 / "auto").
+        self._batch_set = settings.max_batch_size or None
+        self.sizing: sizing.Sizing | None = None
+        self._batcher = Batcher(settings, lambda: self._current, self._batch_set or 1)
+        # Overload and abandonment (docs/reliability.md): what was shed, abandoned, expired.
         self.shed = 0
         self.cancelled = 0
         self.expired = 0
-        self.row_errors = 0
-        # Called from the batching thread with the rows in flight when a batch starts or
-        # grows (the app's Prometheus histogram); must not raise.
-        self.on_batch: Callable[[int], None] | None = None
+
+    # The batching thread's counters and observer (tests and the metrics read them here).
+    @property
+    def batches(self) -> int:
+        return self._batcher.batches
+
+    @property
+    def requests(self) -> int:
+        return self._batcher.requests
+
+    @property
+    def generated_tokens(self) -> int:
+        return self._batcher.generated_tokens
+
+    @property
+    def row_errors(self) -> int:
+        return self._batcher.row_errors
+
+    @property
+    def meter(self) -> Any:
+        return self._batcher.meter
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._batcher.max_batch_size
+
+    @property
+    def on_batch(self) -> Callable[[int], None] | None:
+        return self._batcher.on_batch
+
+    @on_batch.setter
+    def on_batch(self, observer: Callable[[int], None] | None) -> None:
+        self._batcher.on_batch = observer
 
     # -- model lifecycle -------------------------------------------------------------
     def load(self, ref: CheckpointRef) -> LoadedModel:
@@ -119,7 +128,26 @@ class TorchEngine:
             weights_bytes=weights_bytes(p),
         )
         log.info("loaded v%d from %s on %s/%s", version, p, info.device, info.dtype)
+        self._warm_up(model, info)
         return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+    def _warm_up(self, model: Any, info: ModelInfo) -> None:
+        """Warm a model up over the batch sizes it will serve (before it is swapped in);
+        the first time, with no SELFLM_MAX_BATCH_SIZE, the batch limit is measured."""
+        limit = self._batch_set or (self.sizing.limit if self.sizing else None)
+        try:
+            measured = sizing.measure(model, self.device, info.max_context, limit)
+        except Exception:  # a model the warm-up cannot drive still serves
+            log.warning("warm-up failed; batch limit %d", self.max_batch_size, exc_info=True)
+            if self.sizing is None and self._batch_set is None:
+                self._batcher.resize(sizing.FLOOR)
+                self.settings.max_batch_size = sizing.FLOOR
+            return
+        if self.sizing is None:
+            self.sizing = measured
+            self._batcher.resize(measured.limit)
+            # /info reports the limit in force.
+            self.settings.max_batch_size = measured.limit
 
     def swap(self, loaded: LoadedModel) -> None:
         with self._lock:
@@ -142,12 +170,12 @@ class TorchEngine:
         return {
             "model_loaded": info is not None,
             "serving_version": info.version if info else None,
-            "batcher_alive": self._thread.is_alive(),
-            "queue_depth": self._queue.qsize(),
+            "batcher_alive": self._batcher.alive(),
+            "queue_depth": self._batcher.queue.qsize(),
             "batches_total": self.batches,
             "requests_total": self.requests,
             "generated_tokens_total": self.generated_tokens,
-            "requests_running": len(self._in_flight),
+            "requests_running": len(self._batcher.in_flight),
             "service_rate_rps": self.meter.rate(),
             "shed_total": self.shed,
             "cancelled_total": self.cancelled,
@@ -196,7 +224,7 @@ class TorchEngine:
         budget = None if deadline is None else deadline - time.monotonic()
         try:
             check_admission(
-                self._queue.qsize(),
+                self._batcher.queue.qsize(),
                 self.settings.max_queue,
                 self.settings.max_queue_wait_s,
                 self.meter.rate(),
@@ -226,15 +254,15 @@ class TorchEngine:
         on_token: Callable[[int, float], None] | None,
         rows: list[Row] | None,
     ) -> Future[GenerationResult]:
-        if self._queue.qsize() >= self.settings.max_queue:
+        if self._batcher.queue.qsize() >= self.settings.max_queue:
             self.shed += 1
             raise EngineOverloadedError("Model is overloaded")
         fut: Future[GenerationResult] = Future()
-        pending = _Pending(row=row, future=fut, enqueued=time.monotonic())
-        row.on_token = _timed(pending, on_token)
+        pending = Pending(row=row, future=fut, enqueued=time.monotonic())
+        row.on_token = timed(pending, on_token)
         if rows is not None:  # the caller sees its row before the batcher does
             rows.append(row)
-        self._queue.put(pending)
+        self._batcher.queue.put(pending)
         return fut
 
     async def _submit(
@@ -306,9 +334,10 @@ class TorchEngine:
         fut.add_done_callback(lambda _: loop.call_soon_threadsafe(q.put_nowait, None))
         abandon = asyncio.ensure_future(abandon_signal(row.deadline, current_request()))
         abandon.add_done_callback(lambda t: None if t.cancelled() else q.put_nowait(_Gone()))
-        ids: list[int] = []
-        text = ""
-        special = set(tokenizer.all_special_ids)
+        special = special_ids(tokenizer)
+        # Each token's text from a short window (a token may complete a multi-byte
+        # character): constant work per token, not a decode of the whole prefix.
+        detok = Detokenizer(tokenizer, special)
         try:
             while (item := await q.get()) is not None:
                 if isinstance(item, _Gone):
@@ -319,10 +348,7 @@ class TorchEngine:
                 if tok in special:
                     piece = tokenizer.decode([tok], skip_special_tokens=False)
                 else:
-                    ids.append(tok)
-                    # Decode the whole prefix: a token may complete a multi-byte character.
-                    full = tokenizer.decode(ids, skip_special_tokens=True)
-                    piece, text = full[len(text) :], full
+                    piece = detok.push(tok)
                 yield StreamToken(
                     id=tok, text=piece, logprob=logprob, special=tok in special, top=top
                 )
@@ -334,133 +360,9 @@ class TorchEngine:
         yield result
 
     def close(self) -> None:
-        self._stop.set()
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    # -- batching thread -------------------------------------------------------------
-    def _collect(self) -> list[_Pending]:
-        first = self._queue.get()
-        if first is None:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-        while len(batch) < self.settings.max_batch_size:
-            timeout = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._stop.set()
-                break
-            batch.append(item)
-        return batch
-
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            batch = self._collect()
-            batch = [p for p in batch if self._startable(p)]
-            if batch:
-                self._run_batch(batch)
-
-    def _startable(self, p: _Pending) -> bool:
-        """Whether a queued request should start: not abandoned, not past its deadline."""
-        if not p.future.set_running_or_notify_cancel():
-            return False  # abandoned while queued: no work at all
-        p.started = time.monotonic()
-        why = aborted(p.row, p.started)
-        if why is not None:
-            p.future.set_exception(request_error(why))
-            return False
-        return True
-
-    def _run_batch(self, batch: list[_Pending]) -> None:
-        cur = self._current  # one read: every row of this batch runs on this model
-        if cur is None:
-            for p in batch:
-                p.future.set_exception(EngineNotReadyError("no model loaded yet"))
-            return
-        in_flight = self._in_flight
-        in_flight.update({id(p.row): p for p in batch})
-
-        def admit(room: int) -> list[Row]:
-            # After a swap the batch only drains: new rows start on the new model.
-            if self._current is not cur or self._stop.is_set():
-                return []
-            joined: list[Row] = []
-            while len(joined) < room:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._stop.set()
-                    break
-                if self._startable(item):
-                    in_flight[id(item.row)] = item
-                    joined.append(item.row)
-            self.requests += len(joined)
-            if joined:
-                self._note_batch(len(in_flight))
-            return joined
-
-        def on_finish(row: Row) -> None:
-            p = in_flight.pop(id(row))
-            if row.error is not None:  # this row alone stopped: its neighbours go on
-                err = request_error(row.error)
-                if err is row.error:  # its own failure, not a cancel or deadline
-                    self.row_errors += 1
-                p.future.set_exception(err)
-                return
-            now = time.monotonic()
-            self.meter.record(now - p.started)
-            assert row.finish_reason is not None and cur is not None
-            # As TGI: the EOS token that ended a row counts as a generated token.
-            generated = len(row.generated) + (row.eos_token is not None)
-            self.generated_tokens += generated
-            p.future.set_result(
-                GenerationResult(
-                    text=row.text,
-                    finish_reason=row.finish_reason,
-                    generated_tokens=generated,
-                    seed=row.seed,
-                    model_version=cur.info.version,
-                    prompt_tokens=len(row.prompt_ids),
-                    tokens=token_details(row, cur.tokenizer) if row.want_tokens else [],
-                    queue_s=max(0.0, p.started - p.enqueued),
-                    first_token_s=(p.first_token - p.enqueued) if p.first_token else None,
-                    total_s=now - p.enqueued,
-                )
-            )
-
-        self.batches += 1
-        self.requests += len(batch)
-        self._note_batch(len(in_flight))
-        try:
-            decode_batch(
-                cur.model,
-                cur.tokenizer,
-                [p.row for p in batch],
-                admit=admit if self.settings.continuous_batching else None,
-                on_finish=on_finish,
-                max_rows=self.settings.max_batch_size,
-            )
-        except Exception as e:  # a failed batch fails its requests, not the thread
-            log.exception("batch of %d failed", len(in_flight))
-            for p in in_flight.values():
-                p.future.set_exception(e)
-            in_flight.clear()
+        self._batcher.close()
 
     # -- surface features (TGI / OpenAI) ---------------------------------------------
-    def _note_batch(self, size: int) -> None:
-        if self.on_batch is not None:
-            try:
-                self.on_batch(size)
-            except Exception:  # metrics never fail a batch
-                log.warning("batch observer failed", exc_info=True)
-
     def tokenize(self, text: str) -> list[tuple[int, str, int, int]]:
         """TGI's /tokenize: (id, text, start, stop) per token, offsets into `text`."""
         return surface.tokenize(self.current().tokenizer, text)
@@ -477,17 +379,3 @@ class TorchEngine:
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages with the serving checkpoint's chat template."""
         return surface.chat_prompt(self.current().tokenizer, messages)
-
-
-def _timed(
-    pending: _Pending, on_token: Callable[[int, float], None] | None
-) -> Callable[[int, float], None]:
-    """Wrap a row's token callback to note when its first token was chosen."""
-
-    def call(tok: int, logprob: float) -> None:
-        if pending.first_token is None:
-            pending.first_token = time.monotonic()
-        if on_token is not None:
-            on_token(tok, logprob)
-
-    return call

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from core.modeling.detok import Detokenizer, StopFinder, special_ids
 from core.modeling.params import FinishReason, SamplingParams, TokenInfo, TopToken
 from core.modeling.sampling import (
     apply_frequency_presence,
@@ -55,6 +56,9 @@ class Row:
     eos_logprob: float = 0.0
     # Per generated step (and the EOS step), the `top_n_tokens` alternatives when asked for.
     tops: list[tuple[TopToken, ...]] = field(default_factory=list)
+    # Rows with stop sequences: their text so far, decoded and searched token by token.
+    detok: Detokenizer | None = field(default=None, repr=False)
+    stop_finder: StopFinder | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.params.do_sample:
@@ -127,14 +131,12 @@ def forward_kwargs(model: Any) -> tuple[str, bool]:
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
-def _check_stop(row: Row, tokenizer: Any) -> bool:
-    text = tokenizer.decode(row.generated, skip_special_tokens=True)
-    if any(s in text for s in row.params.stop):
-        # As TGI: stop after the token that completes a stop sequence and keep the whole
-        # decoded text, so the generated tokens add up to generated_text.
-        row.text = text
-        return True
-    return False
+def _check_stop(row: Row, tokenizer: Any, special: frozenset[int]) -> bool:
+    """Whether the row's newest token completed a stop sequence (constant work per token:
+    core/modeling/detok.py)."""
+    if row.detok is None or row.stop_finder is None:
+        row.detok, row.stop_finder = Detokenizer(tokenizer, special), StopFinder(row.params.stop)
+    return row.stop_finder.feed(row.detok.push(row.generated[-1]))
 
 
 def _note_extras(rows: list[Row], logits: torch.Tensor, chosen: list[int]) -> None:
@@ -163,9 +165,10 @@ def _penalize(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(row: Row, tokenizer: Any, reason: FinishReason) -> None:
+    # One full decode per row, at its end. As TGI: a row stopped by a stop sequence keeps
+    # the whole decoded text, so the generated tokens add up to generated_text.
     row.finish_reason = reason
-    if reason != "stop_sequence":
-        row.text = tokenizer.decode(row.generated, skip_special_tokens=True)
+    row.text = tokenizer.decode(row.generated, skip_special_tokens=True)
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -175,6 +178,22 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _trim(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the left columns no row attends to any more (the padding of rows that left),
+    so the batch's width follows its rows, not the longest row it ever held. Positions come
+    from the mask, so they do not move. Returns the trimmed mask."""
+    used = mask.any(0)
+    first = int(used.int().argmax()) if bool(used.any()) else 0
+    if first == 0:
+        return mask
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer)
+        assert layer.keys is not None and layer.values is not None
+        layer.keys = layer.keys[:, :, first:]
+        layer.values = layer.values[:, :, first:]
+    return mask[:, first:]
 
 
 def can_join(cache: DynamicCache) -> bool:
@@ -245,9 +264,11 @@ def decode_batch(
     device = next(model.parameters()).device
     pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
     stops = eos_ids(model, tokenizer)
+    special = special_ids(tokenizer)
     cache_kw, _ = forward_kwargs(model)
     cache, mask, logits = _prefill(model, rows, pad, device)
-    joinable = admit is not None and can_join(cache)
+    plain = can_join(cache)  # plain per-layer caches: rows can join, padding can be cut
+    joinable = admit is not None and plain
     active = list(rows)
     seen = [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in rows]
     max_rows = max_rows or len(rows)
@@ -296,9 +317,8 @@ def decode_batch(
                     continue
             if r.params.repetition_penalty not in (None, 1.0):
                 seen[j] = torch.cat([seen[j], chosen[j : j + 1]])
-            if r.params.stop and _check_stop(r, tokenizer):
-                r.finish_reason = "stop_sequence"
-                done(r)
+            if r.params.stop and _check_stop(r, tokenizer, special):
+                done(r, "stop_sequence")
             elif len(r.generated) >= r.params.max_new_tokens:
                 done(r, "length")
             else:
@@ -307,6 +327,8 @@ def decode_batch(
             idx = torch.tensor(keep, dtype=torch.long, device=device)
             cache.batch_select_indices(idx)
             mask, chosen = mask[idx], chosen[idx]
+            if plain:
+                mask = _trim(cache, mask)
             active = [active[j] for j in keep]
             seen = [seen[j] for j in keep]
         newcomers = admit(max_rows - len(active)) if joinable and admit is not None else []
@@ -338,28 +360,37 @@ def decode_batch(
 def token_details(row: Row, tokenizer: Any) -> list[TokenInfo]:
     """Each generated token, then the EOS token that ended the row (TGI reports it, special).
 
-    Texts are decoded incrementally, so the non-special texts add up to the generated text
-    even where one character spans several tokens.
+    Texts are decoded incrementally (core/modeling/detok.py: linear in the length), so the
+    non-special texts add up to the generated text even where one character spans several
+    tokens: the token that completes a character carries it, the ones before carry "".
     """
-    special = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     ids = list(row.generated)
     lps = list(row.logprobs)
     if row.eos_token is not None:
         ids.append(row.eos_token)
         lps.append(row.eos_logprob)
-    out: list[TokenInfo] = []
-    done: list[int] = []
-    text = ""
-    for k, (t, lp) in enumerate(zip(ids, lps, strict=True)):
-        top = row.tops[k] if k < len(row.tops) else ()
+    detok = Detokenizer(tokenizer, special)
+    pieces: list[str] = []
+    last = -1  # the last non-special token: it carries what is left at the end
+    for k, t in enumerate(ids):
         if t in special:
-            piece = tokenizer.decode([t], skip_special_tokens=False)
+            pieces.append(tokenizer.decode([t], skip_special_tokens=False))
         else:
-            done.append(t)
-            full = tokenizer.decode(done, skip_special_tokens=True)
-            piece, text = full[len(text) :], full
-        out.append(TokenInfo(id=t, text=piece, logprob=lp, special=t in special, top=top))
-    return out
+            pieces.append(detok.push(t))
+            last = k
+    if last >= 0:
+        pieces[last] += detok.flush()
+    return [
+        TokenInfo(
+            id=t,
+            text=piece,
+            logprob=lp,
+            special=t in special,
+            top=row.tops[k] if k < len(row.tops) else (),
+        )
+        for k, (t, lp, piece) in enumerate(zip(ids, lps, pieces, strict=True))
+    ]
 
 
 @torch.inference_mode()

@@ -72,12 +72,34 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def _uniforms(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One U[0, 1) draw per row from the row's own (CPU) generator: a row draws the same
+    whether it decodes alone or beside others."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+def _inverse_cdf(probs: torch.Tensor, keep: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample per row from `probs[:, :keep]` (unnormalized, [B, K]) with uniforms `u` [B]:
+    a batched inverse-CDF draw. Returns indices into the K columns, or -1 where the kept
+    mass is not a distribution (NaN, inf, zero: the caller takes the greedy choice)."""
+    cols = torch.arange(probs.shape[-1], device=probs.device)
+    kept = probs.double().masked_fill(cols[None, :] >= keep[:, None], 0.0)
+    cdf = kept.cumsum(-1)
+    total = cdf[:, -1]
+    pick = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0]
+    # u * total can round up to total: stay inside the kept prefix.
+    pick = torch.minimum(pick, keep - 1)
+    bad = ~torch.isfinite(total) | (total <= 0)
+    return pick.masked_fill(bad, -1)
+
+
 def _sample_truncated(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> list[int | None]:
-    """Rows whose top-k / top-p set lies inside the top CANDIDATES: sampled from those.
+    """Rows whose top-k / top-p set lies inside the top CANDIDATES: sampled from those,
+    all rows at once (tensor operations; one uniform draw per row from its generator).
 
     Returns a token per row, or None where the row needs the full path.
     """
@@ -87,28 +109,46 @@ def _sample_truncated(
     vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
     # Probabilities under the full distribution, so top_p is measured exactly.
     probs = (vals - scaled.logsumexp(-1, keepdim=True)).exp()
-    # The per-row work below runs where the rows' seeded generators live (the CPU): one copy
-    # of the candidates per step rather than a small transfer per row (no-op on a CPU).
-    vals, idx, probs = vals.cpu(), idx.cpu(), probs.cpu()
-    cum = probs.cumsum(-1)
-    out: list[int | None] = []
-    for i, p in enumerate(params):
-        row_vals = vals[i]
-        if p.top_k is not None:
-            if p.top_k > k:
-                out.append(None)
-                continue
-            row_vals = row_vals.clone()
-            row_vals[p.top_k :] = float("-inf")
-        if p.top_p is not None and p.top_p < 1.0:
-            if float(cum[i, -1]) < p.top_p:
-                out.append(None)  # the nucleus reaches beyond the candidates
-                continue
-            remove = cum[i] - probs[i] >= p.top_p
-            row_vals = row_vals.masked_fill(remove, float("-inf"))
-        choice = draw(row_vals.softmax(-1), generators[i])
-        out.append(int(idx[i, choice]) if choice is not None else int(logits[i].argmax()))
-    return out
+    # The draws run where the rows' seeded generators live (the CPU): one copy of the
+    # candidates per step rather than a small transfer per row (no-op on a CPU).
+    idx, probs = idx.cpu(), probs.cpu()
+    greedy = logits.argmax(-1).cpu()
+    has_k = torch.tensor([p.top_k is not None for p in params])
+    top_k = torch.tensor([p.top_k if p.top_k is not None else k for p in params])
+    top_p = torch.tensor(
+        [p.top_p if p.top_p is not None and p.top_p < 1.0 else 2.0 for p in params],
+        dtype=probs.dtype,
+    )
+    # As `warp` (and transformers): top-k first, then top-p on the renormalized top-k
+    # distribution; without top-k, top-p on the full distribution. The kept set is a
+    # prefix of the sorted candidates (always at least one token).
+    in_k = torch.arange(k)[None, :] < top_k.clamp(max=k)[:, None]
+    pk = probs.masked_fill(~in_k, 0.0)
+    mass = torch.where(has_k, pk.sum(-1), torch.ones_like(top_p))[:, None]
+    cum = pk.cumsum(-1) / mass
+    in_nucleus = ((cum - pk / mass) < top_p[:, None]) & in_k
+    keep = in_nucleus.sum(-1).clamp(min=1)
+    # The full path: a top_k beyond the candidates, or a nucleus reaching beyond them.
+    full = (top_k > k) | (~has_k & (top_p <= 1.0) & (cum[:, -1] < top_p))
+    pick = _inverse_cdf(probs, keep, _uniforms(generators))
+    chosen = idx.gather(1, pick.clamp(min=0)[:, None])[:, 0]
+    chosen = torch.where(pick >= 0, chosen, greedy)
+    return [None if f else t for f, t in zip(full.tolist(), chosen.tolist(), strict=True)]
+
+
+def _sample_plain(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """Rows sampled from the whole vocabulary at their temperature (no top-k/top-p/typical),
+    all at once."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    probs = (logits / temps[:, None]).softmax(-1).cpu()
+    keep = torch.full((len(params),), probs.shape[-1], dtype=torch.long)
+    pick = _inverse_cdf(probs, keep, _uniforms(generators))
+    greedy = logits.argmax(-1).cpu()
+    return torch.where(pick >= 0, pick, greedy).tolist()
 
 
 def choose_next(
@@ -120,25 +160,32 @@ def choose_next(
     logits = finite_logits(logits.float())
     logprobs = logits.log_softmax(-1)
     chosen = logits.argmax(-1)
-    truncated = [
-        i
-        for i, p in enumerate(params)
-        if p.do_sample
-        and p.typical_p is None  # typical sampling takes the full path
-        and (p.top_k is not None or (p.top_p is not None and p.top_p < 1.0))
-    ]
+    truncated: list[int] = []
+    plain: list[int] = []
+    for i, p in enumerate(params):
+        if not p.do_sample or p.typical_p is not None:  # typical sampling: the full path
+            continue
+        if p.top_k is not None or (p.top_p is not None and p.top_p < 1.0):
+            truncated.append(i)
+        else:
+            plain.append(i)
     picks: dict[int, int | None] = {}
     if truncated:
         fast = _sample_truncated(
             logits[truncated], [params[i] for i in truncated], [generators[i] for i in truncated]
         )
-        picks = dict(zip(truncated, fast, strict=True))
+        picks.update(zip(truncated, fast, strict=True))
+    if plain:
+        drawn_plain = _sample_plain(
+            logits[plain], [params[i] for i in plain], [generators[i] for i in plain]
+        )
+        picks.update(zip(plain, drawn_plain, strict=True))
     sampled: dict[int, int] = {}
     for i, p in enumerate(params):
         if not p.do_sample:
             continue
         tok = picks.get(i)
-        if tok is None:
+        if tok is None:  # the exact path, row by row (rare: see _sample_truncated)
             # Row generators are CPU generators (the same draws on every device).
             probs = warp(logits[i], p).softmax(-1).cpu()
             drawn = draw(probs, generators[i])

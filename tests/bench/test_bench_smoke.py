@@ -68,11 +68,12 @@ def test_serve_smoke(tmp_path: Path, store: list[str]) -> None:
     assert data["server"]["model_version"] == 1
     greedy = data["modes"]["greedy"]
     _positive(greedy["reference"], "tokens", "seconds", "tokens_per_s")
+    _positive(greedy["padded"], "tokens", "seconds", "tokens_per_s", "batch")
     assert [lv["concurrency"] for lv in greedy["levels"]] == [1, 2]
     for lv in greedy["levels"]:
         assert lv["requests"] == 2 and lv["failed"] == 0
         _positive(lv, "tokens", "tokens_per_s", "p50_latency_s", "p95_latency_s")
-        _positive(lv, "ratio_vs_reference")
+        _positive(lv, "ratio_vs_reference", "ratio_vs_padded")
         assert lv["p95_latency_s"] >= lv["p50_latency_s"]
     assert Path(data["checkpoint"]).is_relative_to(store[1])
     assert (tmp_path / "work" / "bench.db").is_file()  # --workdir is kept

@@ -1,0 +1,219 @@
+"""The serving engine's batching thread, apart from the request side (torch_engine.py).
+
+Requests go into a queue; one thread takes up to `max_batch_size` of them (waiting at most
+`batch_wait_ms` for company) and decodes them together; with continuous batching, queued
+requests join the running batch between steps. The model is read once per batch, so a swap
+takes effect between batches and a batch always finishes on the model it started on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.engine.admission import ServiceMeter, request_error
+from app.engine.interface import EngineNotReadyError, GenerationResult, ModelInfo
+from core.modeling.decode import Row, aborted, decode_batch, token_details
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+
+@dataclass
+class Pending:
+    row: Row
+    future: Future[GenerationResult]
+    enqueued: float
+    started: float = 0.0
+    first_token: float | None = None
+
+
+class Batcher:
+    """The thread that decodes queued requests in batches on `current()`'s model."""
+
+    def __init__(
+        self, settings: Settings, current: Callable[[], LoadedModel | None], max_batch_size: int
+    ) -> None:
+        self.settings = settings
+        self._current = current
+        self.max_batch_size = max_batch_size
+        self.queue: queue.Queue[Pending | None] = queue.Queue()
+        self.stopping = threading.Event()
+        self.batches = 0
+        self.requests = 0
+        self.generated_tokens = 0
+        self.row_errors = 0
+        # Rows decoding now, and the measured throughput (docs/reliability.md).
+        self.in_flight: dict[int, Pending] = {}
+        self.meter = ServiceMeter(max_batch_size)
+        # Called from this thread with the rows in flight when a batch starts or grows (the
+        # app's Prometheus histogram); must not raise.
+        self.on_batch: Callable[[int], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="selflm-batcher", daemon=True)
+        self._thread.start()
+
+    def resize(self, max_batch_size: int) -> None:
+        """Set the batch limit (the engine measures it when the first model loads)."""
+        self.max_batch_size = max_batch_size
+        self.meter.slots = max_batch_size
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.queue.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the thread ------------------------------------------------------------------
+    def _collect(self) -> list[Pending]:
+        first = self.queue.get()
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while len(batch) < self.max_batch_size:
+            timeout = deadline - time.monotonic()
+            try:
+                item = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.stopping.set()
+                break
+            batch.append(item)
+        return batch
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self.stopping.is_set():
+            batch = self._collect()
+            batch = [p for p in batch if self._startable(p)]
+            if batch:
+                self._run_batch(batch)
+
+    def _startable(self, p: Pending) -> bool:
+        """Whether a queued request should start: not abandoned, not past its deadline."""
+        if not p.future.set_running_or_notify_cancel():
+            return False  # abandoned while queued: no work at all
+        p.started = time.monotonic()
+        why = aborted(p.row, p.started)
+        if why is not None:
+            p.future.set_exception(request_error(why))
+            return False
+        return True
+
+    def _admit(self, cur: LoadedModel, room: int) -> list[Row]:
+        """Queued requests that join the running batch (up to `room`)."""
+        # After a swap the batch only drains: new rows start on the new model.
+        if self._current() is not cur or self.stopping.is_set():
+            return []
+        joined: list[Row] = []
+        while len(joined) < room:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.stopping.set()
+                break
+            if self._startable(item):
+                self.in_flight[id(item.row)] = item
+                joined.append(item.row)
+        self.requests += len(joined)
+        if joined:
+            self._note_batch(len(self.in_flight))
+        return joined
+
+    def _finish(self, cur: LoadedModel, row: Row) -> None:
+        """Answer a row's request the moment it finishes."""
+        p = self.in_flight.pop(id(row))
+        if row.error is not None:  # this row alone stopped: its neighbours go on
+            err = request_error(row.error)
+            if err is row.error:  # its own failure, not a cancel or deadline
+                self.row_errors += 1
+            p.future.set_exception(err)
+            return
+        now = time.monotonic()
+        self.meter.record(now - p.started)
+        assert row.finish_reason is not None
+        # As TGI: the EOS token that ended a row counts as a generated token.
+        generated = len(row.generated) + (row.eos_token is not None)
+        self.generated_tokens += generated
+        p.future.set_result(
+            GenerationResult(
+                text=row.text,
+                finish_reason=row.finish_reason,
+                generated_tokens=generated,
+                seed=row.seed,
+                model_version=cur.info.version,
+                prompt_tokens=len(row.prompt_ids),
+                tokens=token_details(row, cur.tokenizer) if row.want_tokens else [],
+                queue_s=max(0.0, p.started - p.enqueued),
+                first_token_s=(p.first_token - p.enqueued) if p.first_token else None,
+                total_s=now - p.enqueued,
+            )
+        )
+
+    def _run_batch(self, batch: list[Pending]) -> None:
+        cur = self._current()  # one read: every row of this batch runs on this model
+        if cur is None:
+            for p in batch:
+                p.future.set_exception(EngineNotReadyError("no model loaded yet"))
+            return
+        self.in_flight.update({id(p.row): p for p in batch})
+        self.batches += 1
+        self.requests += len(batch)
+        self._note_batch(len(self.in_flight))
+        try:
+            decode_batch(
+                cur.model,
+                cur.tokenizer,
+                [p.row for p in batch],
+                admit=(lambda room: self._admit(cur, room))
+                if self.settings.continuous_batching
+                else None,
+                on_finish=lambda row: self._finish(cur, row),
+                max_rows=self.max_batch_size,
+            )
+        except Exception as e:  # a failed batch fails its requests, not the thread
+            log.exception("batch of %d failed", len(self.in_flight))
+            for p in self.in_flight.values():
+                p.future.set_exception(e)
+            self.in_flight.clear()
+
+    def _note_batch(self, size: int) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(size)
+            except Exception:  # metrics never fail a batch
+                log.warning("batch observer failed", exc_info=True)
+
+
+def timed(
+    pending: Pending, on_token: Callable[[int, float], None] | None
+) -> Callable[[int, float], None]:
+    """Wrap a row's token callback to note when its first token was chosen."""
+
+    def call(tok: int, logprob: float) -> None:
+        if pending.first_token is None:
+            pending.first_token = time.monotonic()
+        if on_token is not None:
+            on_token(tok, logprob)
+
+    return call
