@@ -160,6 +160,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=32,
         help="batch of the transformers padded-generate baseline (0: skip it)",
     )
+    ap.add_argument(
+        "--baseline-dtypes",
+        default="float32",
+        help="comma-separated dtypes the baselines run in (float32, bfloat16); the ratios "
+        "are against the server's own dtype where it is one of them",
+    )
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
@@ -243,85 +249,56 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stop_server(server)
             state.db.dispose()
 
-        # The reference runs only now, so it never competes with the server for the CPU.
+        # The baselines run only now, so they never compete with the server for the CPU.
         device = str(pick_device(args.device))
-        model, tok = load_reference(state.base_path, device)
-        n_ref = min(args.ref_prompts, len(prompts))
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[:n_ref]]
+        server_dtype = str(results["server"].get("model_dtype", "float32"))
+        dtypes = [d.strip() for d in args.baseline_dtypes.split(",") if d.strip()]
+        for dtype in dtypes:
+            _baselines(args, state.base_path, device, dtype, prompts, modes, replies, results)
+        # The ratios are against the baselines in the server's own dtype where measured.
+        key = server_dtype if server_dtype in dtypes else dtypes[0]
         for mode in modes:
-            lengths = _lengths(replies[mode], len(prompts), args.max_new_tokens)[:n_ref]
-            log.info("reference loop (%s): %d prompts, %d tokens", mode, n_ref, sum(lengths))
-            ref = reference_generate(
-                model,
-                tok,
-                ids,
-                lengths,
-                sample=mode == "sample",
-                seed=args.seed,
-                temperature=args.temperature,
-                top_p=args.top_p,
-            )
-            padded = None
-            if args.padded_batch > 0:
-                all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-                log.info("transformers padded generate (%s), batch %d", mode, args.padded_batch)
-                padded = padded_generate(
-                    model,
-                    tok,
-                    all_ids,
-                    args.max_new_tokens,
-                    batch=args.padded_batch,
-                    sample=mode == "sample",
-                    seed=args.seed,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                )
+            m = results["modes"][mode]
+            ref, pad = m["baselines"][key]["reference"], m["baselines"][key].get("padded")
             for level in levels[mode]:
-                level["ratio_vs_reference"] = ratio(level["tokens_per_s"], ref.tokens_per_s)
-                if padded is not None:
-                    level["ratio_vs_padded"] = ratio(level["tokens_per_s"], padded.tokens_per_s)
-            results["modes"][mode] = {
-                "levels": levels[mode],
-                "reference": {**ref.as_dict(), "dtype": "float32", "device": device},
-            }
-            if padded is not None:
-                results["modes"][mode]["padded"] = {
-                    **padded.as_dict(),
-                    "batch": args.padded_batch,
-                    "dtype": "float32",
-                    "device": device,
-                }
-        del model
+                level["ratio_vs_reference"] = ratio(level["tokens_per_s"], ref["tokens_per_s"])
+                if pad is not None:
+                    level["ratio_vs_padded"] = ratio(level["tokens_per_s"], pad["tokens_per_s"])
+            m["levels"], m["ratios_against"] = levels[mode], key
 
     rows = []
     for mode, m in results["modes"].items():
-        ref_tps = m["reference"]["tokens_per_s"]
-        pad = m.get("padded")
-        rows.append(
-            [
-                mode,
-                "reference (batch-1 generate, fp32)",
-                m["reference"]["sequences"],
-                ref_tps,
-                "-",
-                "-",
-                1.0,
-                ratio(ref_tps, pad["tokens_per_s"]) if pad else "-",
-            ]
-        )
-        if pad:
+        key = m["ratios_against"]
+        ref_tps = m["baselines"][key]["reference"]["tokens_per_s"]
+        pad_tps = m["baselines"][key].get("padded", {}).get("tokens_per_s")
+        for dtype, b in m["baselines"].items():
+            tps = b["reference"]["tokens_per_s"]
             rows.append(
                 [
                     mode,
-                    f"transformers generate, padded batch {pad['batch']} (fp32)",
-                    pad["sequences"],
-                    pad["tokens_per_s"],
+                    f"reference (batch-1 generate, {dtype})",
+                    b["reference"]["sequences"],
+                    tps,
                     "-",
                     "-",
-                    ratio(pad["tokens_per_s"], ref_tps),
-                    1.0,
+                    ratio(tps, ref_tps),
+                    ratio(tps, pad_tps) if pad_tps else "-",
                 ]
             )
+            pad = b.get("padded")
+            if pad:
+                rows.append(
+                    [
+                        mode,
+                        f"transformers generate, padded batch {pad['batch']} ({dtype})",
+                        pad["sequences"],
+                        pad["tokens_per_s"],
+                        "-",
+                        "-",
+                        ratio(pad["tokens_per_s"], ref_tps),
+                        ratio(pad["tokens_per_s"], pad_tps) if pad_tps else "-",
+                    ]
+                )
         for lv in m["levels"]:
             rows.append(
                 [
@@ -341,10 +318,69 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{srv.get('model_device_type')}, max batch {srv.get('max_batch_size')}, "
         f"max_new_tokens {args.max_new_tokens})\n"
     )
+    print(f"Ratios against the baselines in {key}.\n")
     headers = ["mode", "run", "requests", "tokens/s", "p50 s", "p95 s", "× reference"]
     print(md_table([*headers, "× padded"], rows))
     write_json(args.out, results)
     return results
+
+
+def _baselines(
+    args: argparse.Namespace,
+    base_path: Any,
+    device: str,
+    dtype: str,
+    prompts: list[str],
+    modes: list[str],
+    replies: dict[str, list[_Reply]],
+    results: dict[str, Any],
+) -> None:
+    """The reference loop and transformers' padded generate in ``dtype``, same prompts and
+    lengths as the server's replies, into ``results["modes"][mode]["baselines"][dtype]``."""
+    import torch
+
+    model, tok = load_reference(base_path, device)
+    model.to(getattr(torch, dtype))
+    n_ref = min(args.ref_prompts, len(prompts))
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[:n_ref]]
+    for mode in modes:
+        lengths = _lengths(replies[mode], len(prompts), args.max_new_tokens)[:n_ref]
+        log.info("reference loop (%s, %s): %d prompts, %d tokens", mode, dtype, n_ref, sum(lengths))
+        ref = reference_generate(
+            model,
+            tok,
+            ids,
+            lengths,
+            sample=mode == "sample",
+            seed=args.seed,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
+        out: dict[str, Any] = {"reference": {**ref.as_dict(), "dtype": dtype, "device": device}}
+        if args.padded_batch > 0:
+            all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            log.info(
+                "transformers padded generate (%s, %s), batch %d", mode, dtype, args.padded_batch
+            )
+            padded = padded_generate(
+                model,
+                tok,
+                all_ids,
+                args.max_new_tokens,
+                batch=args.padded_batch,
+                sample=mode == "sample",
+                seed=args.seed,
+                temperature=args.temperature,
+                top_p=args.top_p,
+            )
+            out["padded"] = {
+                **padded.as_dict(),
+                "batch": args.padded_batch,
+                "dtype": dtype,
+                "device": device,
+            }
+        results["modes"].setdefault(mode, {}).setdefault("baselines", {})[dtype] = out
+    del model
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def test_serve_smoke(tmp_path: Path, store: list[str]) -> None:
         "2",
         "--warmup",
         "1",
+        "--baseline-dtypes",
+        "float32,bfloat16",
         "--workdir",
         str(tmp_path / "work"),
         "--out",
@@ -67,8 +69,12 @@ def test_serve_smoke(tmp_path: Path, store: list[str]) -> None:
     data = _load(out, serve.main(argv))
     assert data["server"]["model_version"] == 1
     greedy = data["modes"]["greedy"]
-    _positive(greedy["reference"], "tokens", "seconds", "tokens_per_s")
-    _positive(greedy["padded"], "tokens", "seconds", "tokens_per_s", "batch")
+    assert set(greedy["baselines"]) == {"float32", "bfloat16"}
+    for dtype, b in greedy["baselines"].items():
+        assert b["reference"]["dtype"] == b["padded"]["dtype"] == dtype
+        _positive(b["reference"], "tokens", "seconds", "tokens_per_s")
+        _positive(b["padded"], "tokens", "seconds", "tokens_per_s", "batch")
+    assert greedy["ratios_against"] in greedy["baselines"]
     assert [lv["concurrency"] for lv in greedy["levels"]] == [1, 2]
     for lv in greedy["levels"]:
         assert lv["requests"] == 2 and lv["failed"] == 0
