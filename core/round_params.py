@@ -46,6 +46,14 @@ class RoundParams(BaseModel):
     epochs: int = Field(default=2, ge=1, le=20)
     batch_size: int = Field(default=8, ge=1, le=256)
     max_length: int = Field(default=256, ge=16, le=4096)
+    # What the update trains on (worker/rounds/traindata.py). "mixed": the selected samples
+    # plus replay text. "real_only": real train-split text alone, as many tokens as mixed
+    # trains on of real text (replay + the prompts inside the selected samples).
+    # "real_only_matched": real text alone, as many tokens as mixed trains on in all.
+    train_data: Literal["mixed", "real_only", "real_only_matched"] = "mixed"
+    # Weight of a KL term to the lineage's base (v1) on the replay rows (worker/rounds/anchor.py)
+    kl_anchor: float = Field(default=0.0, ge=0, le=100)
+    kl_anchor_top_k: int = Field(default=64, ge=1, le=1024)  # base log-probs kept per position
     # evaluate
     corpus: str | None = Field(
         default=None,
@@ -62,6 +70,9 @@ class RoundParams(BaseModel):
     promotion_margin: float = Field(default=0.005, ge=0, lt=1)
     diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # absolute, vs the parent
     base_diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # relative, vs the base
+    # Absolute, vs real held-out dev text of the probe's size (worker/rounds/realtext.py): the
+    # candidate's distance from it may exceed the base's by at most this, in either direction.
+    real_diversity_tolerance: float = Field(default=0.03, ge=0, le=1)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("prompts", "prompt_file", "corpus")

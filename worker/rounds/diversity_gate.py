@@ -15,6 +15,7 @@ One round per lineage runs at a time (a unique index), so the cache has one writ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -161,10 +162,13 @@ def check_diversity(
     parent_manifest: dict[str, Any],
     tolerances: tuple[float, float],
     on_token: Callable[[int, int], None] | None = None,
+    real: tuple[DiversityStats, float] | None = None,
 ) -> DiversityCheck:
     """Parent, lineage base and candidate on one fixed probe; parent and base from the cache
     when measured before. ``models`` is (parent, candidate, tokenizer); ``tolerances`` is
-    (absolute vs the parent, relative vs the base); ``on_token`` sees each probe's tokens."""
+    (absolute vs the parent, relative vs the base); ``on_token`` sees each probe's tokens;
+    ``real`` is real held-out text's numbers at the probe's size and their tolerance
+    (:mod:`worker.rounds.realtext`)."""
     model, candidate, tok = models
     parent = cache.measure(model, tok, parent_manifest, probe, on_token)
     base: DiversityStats | None = None
@@ -181,13 +185,16 @@ def check_diversity(
             else:
                 base = cache.measure(loaded.model, loaded.tokenizer, root.manifest, probe, on_token)
                 del loaded
-    return DiversityCheck(
+    check = DiversityCheck(
         parent=parent,
         candidate=probe.run(candidate, tok, on_token),
         tolerance=tolerances[0],
         base=base,
         base_tolerance=tolerances[1],
     )
+    if real is not None:  # real held-out text's numbers (worker/rounds/realtext.py)
+        check = dataclasses.replace(check, real=real[0], real_tolerance=real[1])
+    return check
 
 
 def largest_diverse_step(

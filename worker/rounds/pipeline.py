@@ -23,10 +23,11 @@ from core.db import rounds as records
 from core.db.session import Database
 from core.round_params import RoundParams
 from core.settings import Settings
-from worker.rounds import judge, stages
+from worker.rounds import anchor, judge, stages
 from worker.rounds.diversity_gate import DiversityCache, Probe
 from worker.rounds.progress import Progress, Stage, stage
 from worker.rounds.promotion import promote_candidate
+from worker.rounds.realtext import RealTextCache
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Round:
         self.timings: dict[str, float] = {}
         self.progress = Progress(db, round_id, settings.progress_interval_s)
         self._div_cache = DiversityCache(Path(settings.checkpoint_dir) / settings.lineage)
+        self._real_text = RealTextCache(Path(settings.checkpoint_dir) / settings.lineage)
 
     def stage(self, name: str) -> AbstractContextManager[Stage]:
         return stage(self.db, self.id, name, self.progress, self.timings)
@@ -79,6 +81,7 @@ class Round:
                     self.rng,
                     st.tick,
                     on_epoch=lambda e: st.record(stages.epoch_metrics(e), step=e.epoch),
+                    anchor_base=lambda: anchor.open_base(self.db, lineage, champion, model),
                 )
             )
         candidate = upd.candidate
@@ -102,6 +105,9 @@ class Round:
                 p,
                 st.tick,
                 record=st.record,
+                real=self._real_text.measure(
+                    ready.corpus.dev, tok, len(probe.prompts), p.max_new_tokens
+                ),
             )
             st.record(verdict.candidate.metrics(), stage=mn.EVALUATE)
             st.result(verdict)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from core.modeling.device import cpu_has_fast_bf16
+from worker.rounds.anchor import Anchor
 from worker.rounds.evaluate import (
     TextsOrIds,
     collate,
@@ -177,6 +178,7 @@ def finetune(
     cfg: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_step: Callable[[int, int, Callable[[], float]], None] | None = None,
+    anchor: Anchor | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place; return per-epoch statistics.
 
@@ -188,6 +190,8 @@ def finetune(
     the CPU, training stops once valid loss has not improved for ``cfg.patience`` epochs,
     and the best state is restored at the end. With an empty ``valid`` there is no early
     stop and the last epoch's weights are kept. The model is left in eval mode.
+
+    ``anchor`` (:mod:`worker.rounds.anchor`) adds its KL term on the batch's real-text rows.
     """
     pad_id = pad_id_of(tokenizer)
     train_windows = [w for _, w in split_windows(encode_texts(tokenizer, train), cfg.max_length)]
@@ -253,6 +257,10 @@ def finetune(
             # Token-weighted mean over the batch: length-bucketed batches differ in size,
             # and a per-row mean would overweight short sequences.
             loss = row_nll.sum() / count
+            if anchor is not None:  # the KL anchor's term on this batch's real-text rows
+                with _autocast(device, amp):
+                    kl = anchor.loss(model, batch, count)
+                loss = loss if kl is None else loss + kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             if cfg.max_grad_norm > 0:
