@@ -62,7 +62,8 @@ class RoundParams(BaseModel):
         max_length=255,
     )
     eval_passages: int = Field(default=32, ge=1, le=5000)
-    diversity_prompts: int = Field(default=24, ge=1, le=256)
+    # 128: the probe's seed noise (bench/probe_noise.py) must sit under the tolerances
+    diversity_prompts: int = Field(default=128, ge=1, le=256)
     # meta-step and decide
     meta_step: bool = True
     epsilon_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
@@ -72,7 +73,7 @@ class RoundParams(BaseModel):
     base_diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # relative, vs the base
     # Absolute, vs real held-out dev text of the probe's size (worker/rounds/realtext.py): the
     # candidate's distance from it may exceed the base's by at most this, in either direction.
-    real_diversity_tolerance: float = Field(default=0.03, ge=0, le=1)
+    real_diversity_tolerance: float = Field(default=0.02, ge=0, le=1)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("prompts", "prompt_file", "corpus")

@@ -48,8 +48,8 @@ def test_drift_within_the_parent_tolerance_is_caught_against_the_base() -> None:
 
 def test_repetition_near_zero_gets_an_absolute_floor() -> None:
     base = stats(0.75, 0.0)
-    assert decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.009), base=base)).promote
-    assert not decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.011), base=base)).promote
+    assert decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.019), base=base)).promote
+    assert not decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.021), base=base)).promote
 
 
 def test_sudden_drop_against_the_parent_is_rejected() -> None:

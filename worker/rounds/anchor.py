@@ -10,9 +10,11 @@ moment. Before the update, it scores the real-text windows once and keeps, per p
 position, its top-k log-probabilities and their token ids (``k = kl_anchor_top_k``, float32 +
 int32: 64 × 8 bytes a token, ~0.5 MB for the default round's ~1k replay tokens); then it is
 freed, so the update holds the base's weights at no point (when the champion *is* the base,
-the champion scores them and nothing is loaded). The KL is taken against the base's top-k
-distribution renormalised (``p̃``; zero outside the top-k): ``Σ_k p̃_k (log p̃_k − log q_k)``
-with ``q`` the candidate's full softmax — a proper KL of ``p̃`` from ``q``, ≥ 0.
+the champion scores them and nothing is loaded). The KL is taken between the two models'
+distributions coarsened to k + 1 outcomes — the base's top-k tokens and one bucket for the
+rest of the vocabulary: ``Σ_k p_k (log p_k − log q_k) + p_rest (log p_rest − log q_rest)``
+with ``q`` the candidate's full softmax. It is a proper KL (≥ 0, 0 where the candidate
+predicts as the base does) and a lower bound of the full one.
 
 The term needs the candidate's logits for the real rows: :meth:`Anchor.loss` runs its own
 forward on those rows only (the NLL's forward is left as it is), so the hook in
@@ -59,14 +61,18 @@ class Anchor:
         return sum(int(lp.shape[0]) for lp, _ in self.targets.values())
 
     def _row_kl(self, logits: torch.Tensor, key: Key) -> torch.Tensor:
-        """Summed KL(p̃_base ‖ q) over one row's predicted positions; ``logits`` [n+1.., V]."""
+        """Summed top-k KL over one row's predicted positions; ``logits`` [≥ n, V]."""
         base_lp, idx = self.targets[key]
         n = base_lp.shape[0]
         lg = logits[:n].float()
         q = lg.gather(-1, idx.to(lg.device, torch.long)) - torch.logsumexp(lg, -1, keepdim=True)
         p_lp = base_lp.to(lg.device)
-        p_lp = p_lp - torch.logsumexp(p_lp, -1, keepdim=True)  # renormalise over the top-k
-        return (p_lp.exp() * (p_lp - q)).sum()
+        p = p_lp.exp()
+        # The k tokens plus one bucket for the rest of the vocabulary, on both sides.
+        rest_p = (1 - p.sum(-1)).clamp_min(1e-12)
+        rest_q = (1 - q.exp().sum(-1)).clamp_min(1e-12)
+        top = (p * (p_lp - q)).sum(-1)
+        return (top + rest_p * (rest_p.log() - rest_q.log())).sum()
 
     def loss(self, model: Any, batch: Sequence[list[int]], count: int) -> torch.Tensor | None:
         """``weight × Σ KL / count`` over the batch's anchored rows; None when it has none."""
