@@ -29,7 +29,7 @@ def _selected(tiny: LoadedBase) -> tuple[list[list[int]], int]:
     for p in prompts:
         ids = [tok.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"]]
         prompt_tokens += len(ids)
-        out.append(ids + [5, 6, 7, 8, 9, 10, 11, 12])  # a "generated" continuation
+        out.append([*ids, 5, 6, 7, 8, 9, 10, 11, 12])  # a "generated" continuation
     return out, prompt_tokens
 
 
