@@ -73,7 +73,7 @@ class RoundParams(BaseModel):
     base_diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # relative, vs the base
     # Absolute, vs real held-out dev text of the probe's size (worker/rounds/realtext.py): the
     # candidate's distance from it may exceed the base's by at most this, in either direction.
-    real_diversity_tolerance: float = Field(default=0.02, ge=0, le=1)
+    real_diversity_tolerance: float = Field(default=0.045, ge=0, le=1)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("prompts", "prompt_file", "corpus")
