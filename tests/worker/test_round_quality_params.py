@@ -142,7 +142,7 @@ def test_real_text_diversity_is_measured_once_and_recorded(env: Any) -> None:
     assert 0 < ev["real_distinct_2"] <= 1 and 0 <= ev["real_repetition_rate"] < 1
     cache = Path(settings.checkpoint_dir, settings.lineage, "realtext.json")
     entries = json.loads(cache.read_text())
-    assert len(entries) == 1
+    assert len(entries) == 1  # one corpus, one probe size: promotions in between add none
     ev2 = _run(env, SMALL)["metrics"]["evaluate"]
     assert ev2["real_distinct_2"] == ev["real_distinct_2"]
     assert json.loads(cache.read_text()) == entries

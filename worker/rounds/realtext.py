@@ -65,8 +65,10 @@ def _key(dev_docs: Sequence[str], tokenizer: Any, n: int, tokens: int) -> str:
     h = hashlib.sha256()
     for doc in dev_docs:
         h.update(hashlib.sha256(doc.encode()).digest())
-    tok_id = [str(getattr(tokenizer, "name_or_path", "")), len(tokenizer)]
-    body = [h.hexdigest(), tok_id, n, tokens, REAL_SEED]
+    # The vocabulary, not the tokenizer's path: each promoted checkpoint loads its (identical)
+    # tokenizer from its own directory.
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    body = [h.hexdigest(), vocab.hexdigest(), n, tokens, REAL_SEED]
     return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
 
 
