@@ -64,10 +64,19 @@ TOKENS_TRAINED: Final = "tokens_trained"
 BEST_EPOCH: Final = "best_epoch"
 STOPPED_EARLY: Final = "stopped_early"
 REPLAY_TEXTS: Final = "replay_texts"
+# The update's token budgets in every train_data mode (worker/rounds/traindata.py)
+REAL_TOKENS: Final = "real_tokens"  # real-text tokens trained on
+SELECTED_TOKENS: Final = "selected_tokens"  # tokens of the selected train samples
+PROMPT_TOKENS: Final = "prompt_tokens"  # their BOS + prompt part
+REAL_TOKEN_FRACTION: Final = "real_token_fraction"
+ANCHOR_KL: Final = "anchor_kl"  # candidate's mean KL from the base on the anchored rows
+ANCHOR_KL_START: Final = "anchor_kl_start"  # the champion's, before the update
+ANCHOR_TOKENS: Final = "anchor_tokens"
+ANCHOR_VERSION: Final = "anchor_version"  # the lineage version the anchor holds to
 
 # --------------------------------------------------------------------------- evaluate
 
-Who = Literal["champion", "candidate", "base"]
+Who = Literal["champion", "candidate", "base", "real"]  # real: held-out domain text
 Split = Literal["valid", "dev", "test"]
 TOKENS_SCORED: Final = "tokens_scored"
 

@@ -72,6 +72,14 @@ class RoundParams(BaseModel):
         min_length=1,
         max_length=64,
     )
+    # What the update trains on (worker/rounds/traindata.py). "mixed": the selected samples
+    # plus replay text. "real_only": real train-split text alone, as many tokens as mixed
+    # trains on of real text (replay + the prompts inside the selected samples).
+    # "real_only_matched": real text alone, as many tokens as mixed trains on in all.
+    train_data: Literal["mixed", "real_only", "real_only_matched"] = "mixed"
+    # Weight of a KL term to the lineage's base (v1) on the replay rows (worker/rounds/anchor.py)
+    kl_anchor: float = Field(default=0.0, ge=0, le=100)
+    kl_anchor_top_k: int = Field(default=64, ge=1, le=1024)  # base log-probs kept per position
     # evaluate
     corpus: str | None = Field(
         default=None,
@@ -80,7 +88,8 @@ class RoundParams(BaseModel):
         max_length=255,
     )
     eval_passages: int = Field(default=32, ge=1, le=5000)
-    diversity_prompts: int = Field(default=24, ge=1, le=256)
+    # 128: the probe's seed noise (bench/probe_noise.py) must sit under the tolerances
+    diversity_prompts: int = Field(default=128, ge=1, le=256)
     # meta-step and decide
     meta_step: bool = True
     epsilon_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
@@ -88,6 +97,9 @@ class RoundParams(BaseModel):
     promotion_margin: float = Field(default=0.005, ge=0, lt=1)
     diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # absolute, vs the parent
     base_diversity_tolerance: float = Field(default=0.05, ge=0, le=1)  # relative, vs the base
+    # Absolute, vs real held-out dev text of the probe's size (worker/rounds/realtext.py): the
+    # candidate's distance from it may exceed the base's by at most this, in either direction.
+    real_diversity_tolerance: float = Field(default=0.045, ge=0, le=1)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("prompts", "prompt_file", "corpus")

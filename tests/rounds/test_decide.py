@@ -48,8 +48,14 @@ def test_drift_within_the_parent_tolerance_is_caught_against_the_base() -> None:
 
 def test_repetition_near_zero_gets_an_absolute_floor() -> None:
     base = stats(0.75, 0.0)
-    assert decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.009), base=base)).promote
-    assert not decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.011), base=base)).promote
+    assert decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.034), base=base)).promote
+    assert not decide("dev", 20, 19, 0.0, check(base, stats(0.75, 0.036), base=base)).promote
+
+
+def test_distinct_2_has_a_noise_floor_against_the_base() -> None:
+    base = stats(0.56, 0.07)  # the 128-prompt probe's level: 5% would be 0.028, under its noise
+    assert decide("dev", 20, 19, 0.0, check(base, stats(0.52, 0.07), base=base)).promote
+    assert not decide("dev", 20, 19, 0.0, check(base, stats(0.51, 0.07), base=base)).promote
 
 
 def test_sudden_drop_against_the_parent_is_rejected() -> None:

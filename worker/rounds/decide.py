@@ -6,8 +6,13 @@ from dataclasses import dataclass
 
 from worker.rounds.textstats import DiversityStats
 
-# Slack on a repetition rate near zero, where a relative bound would reject any change.
-REPETITION_FLOOR = 0.01
+# Noise floors of the base check (absolute): two standard errors of a candidate-minus-base
+# difference on the default 128-prompt probe, from its seed noise (bench/probe_noise.py,
+# docs/bench/probe_noise.json: SE 0.021 for distinct-2, 0.017 for repetition). Below them a
+# same-quality candidate fails on chance; the repetition floor also gives slack near zero,
+# where a relative bound would reject any change.
+REPETITION_FLOOR = 0.035
+DISTINCT_2_FLOOR = 0.045
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,30 @@ class DiversityCheck:
     tolerance: float  # absolute, against the parent
     base: DiversityStats | None = None
     base_tolerance: float = 0.05  # relative, against the lineage base
+    real: DiversityStats | None = None  # real held-out text of the probe's size (realtext)
+    real_tolerance: float = 0.045  # absolute, on the distance from real text (see real_failures)
+
+    def real_failures(self) -> list[str]:
+        """The candidate's samples may not sit farther from real held-out domain text than
+        the base's do (the parent's when the base is unknown) by more than ``real_tolerance``,
+        on distinct-2 or on trigram repetition, in either direction: too repetitive, or too
+        scattered (word salad has a high distinct-2 and no repetition, which the one-sided
+        parent and base checks would read as more diverse)."""
+        if self.real is None:
+            return []
+        ref, r, t, out = self.base or self.parent, self.real, self.real_tolerance, []
+        for name, cv, bv, rv in (
+            ("distinct-2", self.candidate.distinct_2, ref.distinct_2, r.distinct_2),
+            ("repetition", self.candidate.repetition_rate, ref.repetition_rate, r.repetition_rate),
+        ):
+            if abs(cv - rv) > abs(bv - rv) + t:
+                side = "below" if cv < rv else "above"
+                out.append(
+                    f"{name} {cv:.3f} is {abs(cv - rv):.3f} {side} real held-out text's "
+                    f"{rv:.3f}, more than the {'base' if self.base else 'parent'}'s gap "
+                    f"{abs(bv - rv):.3f} + {t:.3f}"
+                )
+        return out
 
     def failures(self) -> list[str]:
         c, p, out = self.candidate, self.parent, []
@@ -35,11 +64,17 @@ class DiversityCheck:
             out.append(f"repetition rose more than {self.tolerance:.3f} above the parent's")
         if self.base is not None:
             b, t = self.base, self.base_tolerance
-            if c.distinct_2 < b.distinct_2 * (1 - t):
-                out.append(f"distinct-2 fell more than {t:.0%} below the base's")
+            if c.distinct_2 < b.distinct_2 - max(t * b.distinct_2, DISTINCT_2_FLOOR):
+                out.append(
+                    f"distinct-2 fell more than {t:.0%} (at least {DISTINCT_2_FLOOR}) "
+                    "below the base's"
+                )
             if c.repetition_rate > b.repetition_rate + max(t * b.repetition_rate, REPETITION_FLOOR):
-                out.append(f"repetition rose more than {t:.0%} above the base's")
-        return out
+                out.append(
+                    f"repetition rose more than {t:.0%} (at least {REPETITION_FLOOR}) "
+                    "above the base's"
+                )
+        return out + self.real_failures()
 
     def describe(self) -> str:
         c, p = self.candidate, self.parent
@@ -54,6 +89,11 @@ class DiversityCheck:
             )
         else:
             text += f" (tolerance {self.tolerance:.3f})"
+        if self.real is not None:
+            text += (
+                f" (real text {self.real.distinct_2:.3f} / {self.real.repetition_rate:.3f}, "
+                f"tolerance {self.real_tolerance:.3f})"
+            )
         return text
 
 

@@ -15,6 +15,7 @@ One round per lineage runs at a time (a unique index), so the cache has one writ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -223,16 +224,22 @@ def check_diversity(
     tokenizer: Any,
     tolerances: tuple[float, float],
     on_token: Callable[[int, int], None] | None = None,
+    real: tuple[DiversityStats, float] | None = None,
 ) -> DiversityCheck:
     """The candidate, as it stands, on the probe against ``refs``; ``tolerances`` is
-    (absolute vs the parent, relative vs the base); ``on_token`` sees the probe's tokens."""
-    return DiversityCheck(
+    (absolute vs the parent, relative vs the base); ``on_token`` sees the probe's tokens;
+    ``real`` is real held-out text's numbers at the probe's size and their tolerance
+    (:mod:`worker.rounds.realtext`)."""
+    check = DiversityCheck(
         parent=refs.parent,
         candidate=probe.run(candidate, tokenizer, on_token),
         tolerance=tolerances[0],
         base=refs.base,
         base_tolerance=tolerances[1],
     )
+    if real is not None:  # real held-out text's numbers (worker/rounds/realtext.py)
+        check = dataclasses.replace(check, real=real[0], real_tolerance=real[1])
+    return check
 
 
 def largest_diverse_step(

@@ -174,6 +174,7 @@ class CandidateScores:
             **_div_metrics("champion", div.parent),
             **_div_metrics("candidate", div.candidate),
             **(_div_metrics("base", div.base) if div.base else {}),
+            **(_div_metrics("real", div.real) if div.real else {}),
         }
 
 
@@ -236,12 +237,14 @@ def decide(
     p: RoundParams,
     tick: Tick,
     record: Callable[[dict[str, float]], None],
+    real: DiversityStats | None = None,
 ) -> Verdict:
     """Promote or not. With the dev gate: the largest dev gain whose diversity holds (ε from
     best down); the reference loop compares generated-valid perplexity with no diversity
     gate. ``models`` is (candidate, tokenizer): the parent's probe numbers come from the
     cache, or from the candidate holding the parent's weights for the while; ``record``
-    stores per-ε numbers. Progress in probe samples drawn of the most the stage may draw."""
+    stores per-ε numbers; ``real`` is real held-out text's diversity at the probe's size
+    (:mod:`.realtext`). Progress in probe samples drawn of the most the stage may draw."""
     candidate, tok = models
     bs, ml = p.batch_size, p.max_length
     ms = judged.ms.result
@@ -267,6 +270,7 @@ def decide(
             tok,
             (p.diversity_tolerance, p.base_diversity_tolerance),
             count,
+            real=(real, p.real_diversity_tolerance) if real is not None else None,
         )
 
     if p.gate == "dev":

@@ -23,11 +23,12 @@ from core.db import rounds as records
 from core.db.session import Database
 from core.round_params import RoundParams
 from core.settings import Settings
-from worker.rounds import judge, stages
+from worker.rounds import anchor, judge, stages
 from worker.rounds.diversity_gate import DiversityCache, Probe
 from worker.rounds.peak_rss import PeakRss
 from worker.rounds.progress import Progress, Stage, stage
 from worker.rounds.promotion import promote_candidate
+from worker.rounds.realtext import RealTextCache
 from worker.rounds.weights_file import swapped_in
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Round:
         self.rss = PeakRss()
         self.progress = Progress(db, round_id, settings.progress_interval_s)
         self._div_cache = DiversityCache(Path(settings.checkpoint_dir) / settings.lineage)
+        self._real_text = RealTextCache(Path(settings.checkpoint_dir) / settings.lineage)
 
     def stage(self, name: str) -> AbstractContextManager[Stage]:
         return stage(self.db, self.id, name, self.progress, self.timings, self.peaks, self.rss)
@@ -89,6 +91,7 @@ class Round:
                     on_epoch=lambda e: st.record(stages.epoch_metrics(e), step=e.epoch),
                     parent=ready.parent,
                     spill_dir=self._div_cache.path.parent,
+                    anchor_base=lambda: anchor.open_base(self.db, lineage, champion, model),
                 )
             )
         candidate = upd.candidate  # the round's one model, fine-tuned in place
@@ -112,6 +115,9 @@ class Round:
                 p,
                 st.tick,
                 record=st.record,
+                real=self._real_text.measure(
+                    ready.corpus.dev, tok, len(probe.prompts), p.max_new_tokens
+                ),
             )
             st.record(verdict.candidate.metrics(), stage=mn.EVALUATE)
             st.result(verdict)

@@ -27,6 +27,7 @@ from core.registry import CheckpointRef
 from core.round_params import RoundParams
 from core.settings import Settings
 from worker.rounds import lora
+from worker.rounds.anchor import Anchor, build_anchor
 from worker.rounds.data import (
     SPLIT_SEED,
     Corpus,
@@ -42,7 +43,8 @@ from worker.rounds.metastep import state_copy
 from worker.rounds.progress import Tick
 from worker.rounds.select import FilterConfig, Sample, dedup, filter_degenerate, split_train_valid
 from worker.rounds.select import select as pick
-from worker.rounds.update import EpochStats, TrainConfig, TrainResult, finetune, replay_ids
+from worker.rounds.traindata import TrainData, build_train_data
+from worker.rounds.update import EpochStats, TrainConfig, TrainResult, finetune
 from worker.rounds.weights_file import FileWeights, compatible
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,7 @@ class Selection:
     dedup_near: int
     train: Ids
     valid: Ids
+    prompt_tokens: int = 0  # BOS + prompt ids inside the train samples (traindata budgets)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -238,6 +241,8 @@ def select(
     if len(chosen) < 2:
         raise RuntimeError(f"only {len(chosen)} usable samples after selection")
     train_s, valid_s = split_train_valid(chosen, p.valid_size / (p.train_size + p.valid_size), rng)
+    prompt_ids = {s.prompt: len(bos) + len(tok(s.prompt, add_special_tokens=False)["input_ids"])
+                  for s in train_s}  # fmt: skip
     return Selection(
         generated=len(gen.result.samples),
         filtered_degenerate=n_filtered,
@@ -245,6 +250,7 @@ def select(
         dedup_near=n_near,
         train=[list(s.token_ids) for s in train_s],
         valid=[list(s.token_ids) for s in valid_s],
+        prompt_tokens=sum(prompt_ids[s.prompt] for s in train_s),
     )
 
 
@@ -263,6 +269,8 @@ class Update:
     replay_texts: int
     replay_tokens: int
     synthetic_tokens: int
+    data: TrainData | None = None
+    anchor: dict[str, float] | None = None
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -272,6 +280,8 @@ class Update:
             out[mn.REPLAY_TOKEN_FRACTION] = self.replay_tokens / max(
                 1, self.replay_tokens + self.synthetic_tokens
             )
+        out |= self.data.metrics() if self.data is not None else {}
+        out |= self.anchor or {}
         return out | {
             mn.TOKENS_TRAINED: self.train.tokens_trained,
             mn.TOKENS_PER_S: self.train.tokens_per_s,
@@ -300,15 +310,33 @@ def update(
     on_epoch: Callable[[EpochStats], None],
     parent: Mapping[str, torch.Tensor],
     spill_dir: Path | None = None,
+    anchor_base: Callable[[], tuple[Any, int, bool]] | None = None,
 ) -> Update:
-    """Fine-tune the champion's model in place on the selection plus real replay text
-    (``parent`` keeps its weights); progress in optimizer steps of the planned total, with
-    the epoch's running train loss. The best epoch's weights wait in ``spill_dir``. A LoRA
-    round trains an adapter injected into the model and merges it (:mod:`.lora`): the
-    candidate is the same plain model."""
-    replay, got = replay_ids(
-        passages(corpus.train), tok, sel.train, p.replay_fraction, p.max_length, rng
+    """Fine-tune the champion's model in place on what ``p.train_data`` names
+    (:mod:`.traindata`; ``parent`` keeps the champion's weights); progress in optimizer steps
+    of the planned total, with the epoch's running train loss. The best epoch's weights wait
+    in ``spill_dir``. A LoRA round trains an adapter injected into the model and merges it
+    (:mod:`.lora`): the candidate is the same plain model. With ``p.kl_anchor > 0``,
+    ``anchor_base()`` gives the lineage base (:mod:`.anchor`)."""
+    data = build_train_data(
+        p.train_data,
+        passages(corpus.train),
+        tok,
+        sel.train,
+        sel.prompt_tokens,
+        p.replay_fraction,
+        p.max_length,
+        rng,
     )
+    anchor: Anchor | None = None
+    anchor_start = 0.0
+    if p.kl_anchor > 0 and anchor_base is not None and data.real:
+        base, version, loaded = anchor_base()
+        anchor = build_anchor(
+            base, data.real, p.max_length, p.kl_anchor, p.kl_anchor_top_k, p.batch_size, version
+        )
+        del base  # a loaded base is freed before training starts
+        anchor_start = anchor.mean_kl(model, p.batch_size) if loaded else 0.0
     # LoRA: peft injects the adapter into `model` in place; the meta-step's base stays
     # `parent` (the champion's files), whose delta is zero outside the adapted weights.
     trained = lora.wrap(model, p)[0] if p.update_method == "lora" else model
@@ -324,22 +352,33 @@ def update(
     result = finetune(
         trained,
         tok,
-        sel.train + replay,
+        data.rows,
         sel.valid,
         cfg,
         on_epoch,
         on_step=lambda step, planned, loss: tick(
             step, planned, "steps", lambda: {"loss": round(loss(), 4)}
         ),
+        anchor=anchor,
     )
     if p.update_method == "lora":
         model = lora.merge(trained)  # the same module tree, adapters folded in
+    anchor_metrics = None
+    if anchor is not None:
+        anchor_metrics = {
+            mn.ANCHOR_KL: anchor.mean_kl(model, p.batch_size),
+            mn.ANCHOR_KL_START: anchor_start,
+            mn.ANCHOR_TOKENS: anchor.tokens,
+            mn.ANCHOR_VERSION: float(anchor.base_version or 0),
+        }
     return Update(
         candidate=model,
         base_state=parent,
         train=result,
         replay_fraction=p.replay_fraction,
-        replay_texts=len(replay),
-        replay_tokens=got,
-        synthetic_tokens=sum(len(x) for x in sel.train),
+        replay_texts=len(data.real) if data.mode == "mixed" else 0,
+        replay_tokens=data.replay_tokens,
+        synthetic_tokens=data.synthetic_tokens,
+        data=data,
+        anchor=anchor_metrics,
     )

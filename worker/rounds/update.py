@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from core.modeling.device import cpu_has_fast_bf16
+from worker.rounds.anchor import Anchor
 from worker.rounds.evaluate import (
     TextsOrIds,
     collate,
@@ -238,6 +239,7 @@ def finetune(
     cfg: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_step: Callable[[int, int, Callable[[], float]], None] | None = None,
+    anchor: Anchor | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place; return per-epoch statistics.
 
@@ -249,6 +251,8 @@ def finetune(
     the CPU, training stops once valid loss has not improved for ``cfg.patience`` epochs,
     and the best state is restored at the end. With an empty ``valid`` there is no early
     stop and the last epoch's weights are kept. The model is left in eval mode.
+
+    ``anchor`` (:mod:`worker.rounds.anchor`) adds its KL term on the batch's real-text rows.
     """
     pad_id = pad_id_of(tokenizer)
     train_windows = [w for _, w in split_windows(encode_texts(tokenizer, train), cfg.max_length)]
@@ -313,7 +317,12 @@ def finetune(
                 ids, mask, labels = collate(part, pad_id, device)
                 with _autocast(device, amp):
                     out = train_loss(model, ids, mask, labels, count)
-                out.loss.backward()  # type: ignore[no-untyped-call]
+                    loss = out.loss
+                    # The KL anchor's term on this micro-batch's real-text rows (same count).
+                    kl = anchor.loss(model, part, count) if anchor is not None else None
+                    if kl is not None:
+                        loss = loss + kl
+                loss.backward()  # type: ignore[no-untyped-call]
                 epoch_nll_t += out.row_nll.double().sum()
                 del out
             if cfg.max_grad_norm > 0:

@@ -1,0 +1,148 @@
+"""Issue 15's round parameters through the real pipeline: train_data budgets, the KL anchor to
+the lineage base, the real-text diversity numbers, and their validation at the API.
+
+Rounds run in process (``run_round``) on real PostgreSQL with the tiny model; the API creates
+nothing here but is asked for the 422s and for each round's recorded metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from core.db import rounds as records
+from core.db.session import Database, upgrade
+from core.round_params import RoundParams
+from core.settings import Settings
+from worker.rounds.pipeline import run_round
+
+SMALL: dict[str, Any] = {
+    "num_prompts": 4,
+    "samples_per_prompt": 3,
+    "max_new_tokens": 16,
+    "min_words": 3,
+    "train_size": 6,
+    "valid_size": 3,
+    "eval_passages": 6,
+    "diversity_prompts": 3,
+    "epochs": 1,
+    "batch_size": 4,
+    "max_length": 48,
+    "filters": False,
+    "promotion_margin": 0.9,  # rejected: the champion stays, so rounds are comparable
+}
+
+
+@pytest.fixture(scope="module")
+def env(
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_module_db_url: str,
+    make_tiny_settings: Callable[..., Settings],
+) -> Iterator[tuple[TestClient, Settings, Database]]:
+    root = tmp_path_factory.mktemp("roundq")
+    settings = make_tiny_settings(root, database_url=pg_module_db_url)
+    upgrade(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        yield client, settings, Database(pg_module_db_url)
+
+
+def _run(env: tuple[TestClient, Settings, Database], params: dict[str, Any]) -> dict[str, Any]:
+    client, settings, db = env
+    row = records.create_round(db, settings.lineage, RoundParams(**params).model_dump())
+    run_round(settings, db, row.id)
+    body: dict[str, Any] = client.get(f"/update-rounds/{row.id}").json()
+    assert body["status"] == "succeeded", body["error"]
+    return body
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"train_data": "synthetic_only"},
+        {"kl_anchor": -0.1},
+        {"kl_anchor": 101},
+        {"kl_anchor": "lots"},
+        {"kl_anchor_top_k": 0},
+        {"kl_anchor_top_k": 4096},
+        {"real_diversity_tolerance": -0.01},
+        {"real_diversity_tolerance": 1.5},
+        {"diversity_prompts": 0},
+    ],
+)
+def test_out_of_range_quality_params_get_422(env: Any, bad: dict[str, Any]) -> None:
+    client, _, _ = env
+    before = client.get("/update-rounds").json()["total"]
+    r = client.post("/update-rounds", json=bad)
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "validation"
+    assert next(iter(bad)) in r.json()["error"]
+    assert client.get("/update-rounds").json()["total"] == before
+
+
+def test_each_train_data_mode_trains_on_its_own_budget(env: Any) -> None:
+    upd = {m: _run(env, {**SMALL, "train_data": m})["metrics"]["update"] for m in
+           ("mixed", "real_only", "real_only_matched")}  # fmt: skip
+    mixed, real, matched = upd["mixed"], upd["real_only"], upd["real_only_matched"]
+    # The same round in every mode (same champion, same seed): the same selection and replay.
+    for k in ("selected_tokens", "prompt_tokens", "replay_tokens"):
+        assert mixed[k] == real[k] == matched[k], k
+    assert 0 < mixed["prompt_tokens"] < mixed["selected_tokens"]
+    assert mixed["replay_tokens"] > 0
+    # mixed: the selected samples plus the replay text.
+    assert mixed["synthetic_tokens"] == mixed["selected_tokens"]
+    assert mixed["real_tokens"] == mixed["replay_tokens"]
+    # real_only: no generated text; as much real text as mixed had (replay + prompts).
+    assert real["synthetic_tokens"] == 0
+    assert real["real_tokens"] == mixed["replay_tokens"] + mixed["prompt_tokens"]
+    assert real["real_token_fraction"] == 1.0
+    # real_only_matched: no generated text; as many tokens as mixed trains on in all.
+    assert matched["synthetic_tokens"] == 0
+    assert matched["real_tokens"] == mixed["real_tokens"] + mixed["synthetic_tokens"]
+    # What was trained follows the budgets (predicted tokens: one fewer than ids per row).
+    assert real["tokens_trained"] < mixed["tokens_trained"] <= matched["tokens_trained"]
+
+
+def test_kl_anchor_loads_the_lineage_base_and_records_its_kl(env: Any) -> None:
+    # Promote once (real text at a high rate), so the champion is no longer the base.
+    better = {
+        **SMALL,
+        "replay_fraction": 0.8,
+        "learning_rate": 3e-3,
+        "epochs": 2,
+        "promotion_margin": 0.0,
+        "diversity_tolerance": 1.0,
+        "base_diversity_tolerance": 1.0,
+        "real_diversity_tolerance": 1.0,
+    }
+    first = _run(env, better)
+    assert first["decision"] == "promoted", first["reason"]
+    assert first["metrics"]["update"].get("anchor_kl") is None  # off by default
+    hot = {**SMALL, "learning_rate": 3e-3, "epochs": 2, "replay_fraction": 0.5}
+    # A negligible weight measures the KL without holding to the base: the control.
+    free = _run(env, {**hot, "kl_anchor": 1e-9})["metrics"]["update"]
+    held = _run(env, {**hot, "kl_anchor": 50.0})["metrics"]["update"]
+    for m in (free, held):
+        assert m["anchor_version"] == 1  # the lineage's v1, loaded from its files
+        assert m["anchor_kl_start"] > 0  # the champion (v2) already differs from v1
+        assert m["anchor_tokens"] == m["real_tokens"] - m["replay_texts"]
+    assert held["anchor_kl_start"] == free["anchor_kl_start"]
+    assert held["anchor_kl"] < free["anchor_kl"]  # the anchored update stays nearer the base
+    assert free["train_loss"] != held["train_loss"]
+
+
+def test_real_text_diversity_is_measured_once_and_recorded(env: Any) -> None:
+    _, settings, _ = env
+    ev = _run(env, SMALL)["metrics"]["evaluate"]
+    assert 0 < ev["real_distinct_2"] <= 1 and 0 <= ev["real_repetition_rate"] < 1
+    cache = Path(settings.checkpoint_dir, settings.lineage, "realtext.json")
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 1  # one corpus, one probe size: promotions in between add none
+    ev2 = _run(env, SMALL)["metrics"]["evaluate"]
+    assert ev2["real_distinct_2"] == ev["real_distinct_2"]
+    assert json.loads(cache.read_text()) == entries
