@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The KL-anchor weight the study tries (round parameter `kl_anchor`, branch roundq): the
-# update's loss adds this times KL(candidate ‖ lineage base) on the replay text.
-KL_ANCHOR = 0.1
+# The KL-anchor weight the study tries (round parameter `kl_anchor`): the update's loss adds
+# this times KL(lineage base ‖ candidate) per real-text token. At 1 a token's KL weighs like
+# its NLL, and the NLL pulls away from the base on the same rows: on the tiny model weight 5
+# cut the KL to the base by 2 %, weight 50 by 43 % (tests/rounds/test_anchor.py), so 10.
+KL_ANCHOR = 10.0
 
 # Arms: RoundParams overrides on top of the current defaults (so `selflm` is "the defaults").
 ARMS: dict[str, dict[str, Any]] = {
@@ -38,11 +40,12 @@ ARMS: dict[str, dict[str, Any]] = {
     # Online adaptation: prompts from recorded POST /generate traffic (studies/quality/
     # traffic.py replays a fixed question stream through a real `selflm serve` first).
     "served": {"prompt_source": "served"},
-    # A gate that can see drift (issue 15), each change alone and together. The tolerances
-    # are 2 standard errors of a 128-prompt probe's noise (docs/quality/probe_noise.json).
-    "probe128": {"diversity_prompts": 128},
+    # A gate that can see drift (issue 15). The defaults are now the 128-prompt probe with
+    # tolerances of ~2 standard errors of its noise and the real-text check
+    # (docs/design.md); `old_gate` is issue 6's gate (24 prompts, no real-text check), the
+    # ablation. `kl_anchor`: the defaults plus the KL anchor to the lineage base.
+    "old_gate": {"diversity_prompts": 24, "real_diversity_tolerance": 1.0},
     "kl_anchor": {"kl_anchor": KL_ANCHOR},
-    "drift_gate": {"diversity_prompts": 128, "kl_anchor": KL_ANCHOR},
     "no_replay": {"replay_fraction": 0.0},
     "no_filters": {"filters": False},
     "no_meta_step": {"meta_step": False},
@@ -57,9 +60,8 @@ DEFAULT_ARMS = (
     "real_only_matched",
     "difficulty",
     "served",
-    "probe128",
+    "old_gate",
     "kl_anchor",
-    "drift_gate",
     "no_replay",
     "no_filters",
     "no_meta_step",
