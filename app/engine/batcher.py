@@ -21,6 +21,7 @@ import torch
 
 from app.engine.admission import ServiceMeter, request_error
 from app.engine.interface import EngineNotReadyError, GenerationResult, ModelInfo
+from core.malloc import trim
 from core.modeling.decode import Row, aborted, decode_batch, token_details
 from core.settings import Settings
 
@@ -101,11 +102,18 @@ class Batcher:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        served: int | None = None  # the version the last batch ran on
         while not self.stopping.is_set():
             batch = self._collect()
             batch = [p for p in batch if self._startable(p)]
             if batch:
                 self._run_batch(batch)
+            cur = self._current()
+            version = cur.info.version if cur is not None else None
+            del cur
+            if served is not None and version != served:
+                trim()  # the old model's last batch is done: its memory goes back
+            served = version
 
     def _startable(self, p: Pending) -> bool:
         """Whether a queued request should start: not abandoned, not past its deadline."""

@@ -37,6 +37,7 @@ from app.engine.interface import (
 )
 from app.limits import current_request
 from core import registry
+from core.malloc import trim
 from core.modeling.decode import Row
 from core.modeling.detok import Detokenizer, special_ids
 from core.modeling.device import dtype_name, pick_device, pick_dtype
@@ -129,6 +130,7 @@ class TorchEngine:
         )
         log.info("loaded v%d from %s on %s/%s", version, p, info.device, info.dtype)
         self._warm_up(model, info)
+        trim()  # the load's and warm-up's freed buffers go back to the system
         return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
     def _warm_up(self, model: Any, info: ModelInfo) -> None:

@@ -10,10 +10,10 @@ upper bound; where ``/proc`` is missing, none.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from pathlib import Path
+
+from core.malloc import trim
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +31,6 @@ def _status_bytes(key: str) -> int | None:
         if name == key:
             return int(rest.split()[0]) * 1024  # kB
     return None
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        lib = ctypes.CDLL(name)
-        lib.malloc_trim  # noqa: B018 (glibc only)
-    except (OSError, AttributeError, TypeError):
-        return None
-    return lib
-
-
-_LIBC = _libc()
-
-
-def trim() -> None:
-    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
-    no-op). glibc keeps what a stage freed (the optimizer's moments, say) mapped, so without
-    this every later stage would carry the update's peak as its resident size."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def current_rss() -> int | None:

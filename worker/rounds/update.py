@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from core.malloc import trim
 from core.modeling.device import cpu_has_fast_bf16
 from worker.rounds.anchor import Anchor
 from worker.rounds.evaluate import (
@@ -36,7 +37,6 @@ from worker.rounds.evaluate import (
     split_windows,
 )
 from worker.rounds.metastep import state_copy
-from worker.rounds.peak_rss import trim
 from worker.rounds.weights_file import load_into, release, spill
 
 __all__ = [
