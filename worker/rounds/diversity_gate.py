@@ -19,11 +19,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from worker.rounds.data import prompts_from
 from worker.rounds.decide import Decision, DiversityCheck, decide
 from worker.rounds.generate import generate_samples
 from worker.rounds.metastep import MetaStepResult, interpolate_into
+from worker.rounds.stats_file import StatsFile
 from worker.rounds.textstats import DiversityStats, diversity
 from worker.rounds.weights_file import FileWeights, compatible, swapped_in
 
@@ -101,42 +100,13 @@ class DiversityCache:
 
     def __init__(self, lineage_dir: Path) -> None:
         self.path = lineage_dir / CACHE_FILE
-
-    def _read(self) -> dict[str, dict[str, float]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            log.warning("unreadable diversity cache %s; starting afresh", self.path)
-            return {}
-        return data if isinstance(data, dict) else {}
+        self._file = StatsFile(self.path)
 
     def get(self, manifest: dict[str, Any], probe: Probe) -> DiversityStats | None:
-        entry = self._read().get(f"{weights_key(manifest)}:{probe.key()}")
-        if not isinstance(entry, dict):
-            return None
-        try:
-            return DiversityStats(
-                distinct_1=float(entry["distinct_1"]),
-                distinct_2=float(entry["distinct_2"]),
-                repetition_rate=float(entry["repetition_rate"]),
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
+        return self._file.get(f"{weights_key(manifest)}:{probe.key()}")
 
     def put(self, manifest: dict[str, Any], probe: Probe, stats: DiversityStats) -> None:
-        data = self._read()
-        data[f"{weights_key(manifest)}:{probe.key()}"] = asdict(stats)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".diversity-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self._file.put(f"{weights_key(manifest)}:{probe.key()}", stats)
 
     def measure(
         self,

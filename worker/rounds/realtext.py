@@ -16,15 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from worker.rounds.data import passages
+from worker.rounds.stats_file import StatsFile
 from worker.rounds.textstats import DiversityStats, diversity
 
 __all__ = ["REAL_SEED", "RealTextCache", "real_continuations", "real_diversity"]
@@ -77,45 +75,19 @@ class RealTextCache:
 
     def __init__(self, lineage_dir: Path) -> None:
         self.path = lineage_dir / CACHE_FILE
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            log.warning("unreadable real-text cache %s; starting afresh", self.path)
-            return {}
-        return data if isinstance(data, dict) else {}
+        self._file = StatsFile(self.path)
 
     def measure(
         self, dev_docs: Sequence[str], tokenizer: Any, n: int, tokens: int
     ) -> DiversityStats | None:
         """The cached numbers, or computed and cached; None for an empty dev split."""
         key = _key(dev_docs, tokenizer, n, tokens)
-        entry = self._read().get(key)
-        if isinstance(entry, dict):
-            try:
-                return DiversityStats(
-                    distinct_1=float(entry["distinct_1"]),
-                    distinct_2=float(entry["distinct_2"]),
-                    repetition_rate=float(entry["repetition_rate"]),
-                )
-            except (KeyError, TypeError, ValueError):
-                pass
+        cached = self._file.get(key)
+        if cached is not None:
+            return cached
         texts = real_continuations(dev_docs, tokenizer, n, tokens)
         if not texts:
             return None
         stats = diversity(texts)
-        data = self._read()
-        data[key] = asdict(stats)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".realtext-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self._file.put(key, stats)
         return stats
