@@ -44,7 +44,8 @@ from worker.rounds.evaluate import encode_texts, split_windows
 from worker.rounds.generate import GenerateResult, generate_samples
 from worker.rounds.lm_loss import full_logits
 from worker.rounds.stages import MICRO_BATCH_TOKENS
-from worker.rounds.update import TrainConfig, autocast_dtype, finetune
+from worker.rounds.train_modes import autocast_dtype
+from worker.rounds.update import TrainConfig, finetune
 
 log = logging.getLogger("bench.round")
 

@@ -92,7 +92,7 @@ def test_micro_batches_cut_rows_by_padded_tokens() -> None:
     assert micro_batches(rows, 1) == [[r] for r in rows]  # never an empty slice
 
 
-def test_micro_batched_spilled_training_matches_whole_batches_in_ram(tmp_path: Path) -> None:
+def test_checkpointed_micro_batches_spilled_match_whole_batches_in_ram(tmp_path: Path) -> None:
     tiny = load_base("tiny:llama")
     # float32: under bf16 autocast slices of a batch round differently (bf16 noise, ~1e-4).
     base: dict[str, Any] = dict(
@@ -101,13 +101,19 @@ def test_micro_batched_spilled_training_matches_whole_batches_in_ram(tmp_path: P
     base["autocast"] = "off"
     plain, small = copy.deepcopy(tiny.model), copy.deepcopy(tiny.model)
     ref = finetune(plain, tiny.tokenizer, TEXTS * 2, TEXTS[:2], TrainConfig(**base))
+    checkpointed: list[bool] = []
     got = finetune(
         small,
         tiny.tokenizer,
         TEXTS * 2,
         TEXTS[:2],
-        TrainConfig(**base, micro_batch_tokens=24, spill_dir=str(tmp_path)),
+        TrainConfig(
+            **base, micro_batch_tokens=24, spill_dir=str(tmp_path), gradient_checkpointing=True
+        ),
+        on_step=lambda *_: checkpointed.append(small.is_gradient_checkpointing),
     )
+    # Recomputed activations give the same step; checkpointing is on only while training.
+    assert checkpointed and all(checkpointed) and not small.is_gradient_checkpointing
     assert got.best_epoch == ref.best_epoch and len(got.epochs) == len(ref.epochs)
     for a, b in zip(got.epochs, ref.epochs, strict=True):
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)

@@ -10,7 +10,8 @@ from core.modeling.loader import LoadedBase, load_base
 from worker.rounds import update
 from worker.rounds.evaluate import encode_texts, perplexity
 from worker.rounds.metastep import state_copy
-from worker.rounds.update import EpochStats, TrainConfig, autocast_dtype, finetune
+from worker.rounds.train_modes import autocast_dtype
+from worker.rounds.update import EpochStats, TrainConfig, finetune
 
 REPEATED = [
     "The cat sat on the mat. The cat sat on the mat.",

@@ -123,9 +123,11 @@ class _ChunkedHeadNll(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, None, None]:
         grad_h, grad_w = ctx.grads
         ctx.grads = None
+        # Scaled in place: nothing else holds them, and the head's weight gradient is as
+        # large as the embedding (113 MB for SmolLM2), so a scaled copy would be one more.
         return (
-            grad_h * grad_total if grad_h is not None else None,
-            grad_w * grad_total if grad_w is not None else None,
+            grad_h.mul_(grad_total) if grad_h is not None else None,
+            grad_w.mul_(grad_total) if grad_w is not None else None,
             None,
             None,
         )

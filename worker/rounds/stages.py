@@ -55,8 +55,12 @@ Ids = list[list[int]]
 # --------------------------------------------------------------------------- prepare
 
 
-# Micro-batch size of the update's forward/backward (see TrainConfig.micro_batch_tokens).
-MICRO_BATCH_TOKENS = 512
+# Micro-batch size of the update's forward/backward (see TrainConfig.micro_batch_tokens)
+# and activation checkpointing: with both, a step's activations are one row's layer inputs
+# and one layer's recomputation, not the whole batch's. What they save and cost on the
+# bundled model is in docs/benchmarks.md ("Round memory").
+MICRO_BATCH_TOKENS = 256
+GRADIENT_CHECKPOINTING = True
 
 
 @dataclass(frozen=True)
@@ -347,6 +351,7 @@ def update(
         max_length=p.max_length,
         seed=p.seed,
         micro_batch_tokens=MICRO_BATCH_TOKENS,
+        gradient_checkpointing=GRADIENT_CHECKPOINTING,
         spill_dir=str(spill_dir) if spill_dir is not None else None,
     )
     result = finetune(

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from core import metric_names as mn
 from worker.rounds.evaluate import encode_texts
-from worker.rounds.update import replay_ids
 
 __all__ = ["TrainData", "build_train_data", "real_ids"]
 
@@ -124,3 +123,29 @@ def build_train_data(
     return TrainData(
         mode, rows, rows, real, 0, replay_got, selected_tokens, prompt_tokens
     )  # fmt: skip
+
+
+def replay_ids(
+    pool: list[str],
+    tokenizer: Any,
+    train_ids: Sequence[Sequence[int]],
+    fraction: float,
+    max_length: int,
+    rng: random.Random,
+) -> tuple[list[list[int]], int]:
+    """Real passages from ``pool`` (shuffled with ``rng``), as ids cut to ``max_length``,
+    until they make ``fraction`` of all training tokens. Returns the ids and their tokens."""
+    if fraction <= 0:
+        return [], 0
+    synth = sum(len(x) for x in train_ids)
+    target = synth * fraction / (1 - fraction)
+    pool = list(pool)
+    rng.shuffle(pool)
+    out: list[list[int]] = []
+    got = 0
+    for ids in encode_texts(tokenizer, pool):
+        if got >= target:
+            break
+        out.append(ids[:max_length])
+        got += len(out[-1])
+    return out, got

@@ -8,7 +8,6 @@ so the valid loss here and the perplexities of the evaluate stage measure the sa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -23,7 +22,6 @@ from typing import Any
 import torch
 
 from core.malloc import trim
-from core.modeling.device import cpu_has_fast_bf16
 from worker.rounds.anchor import Anchor
 from worker.rounds.evaluate import (
     TextsOrIds,
@@ -37,21 +35,23 @@ from worker.rounds.evaluate import (
     split_windows,
 )
 from worker.rounds.metastep import state_copy
+from worker.rounds.train_modes import (
+    AUTOCAST_MODES,
+    autocast_context,
+    autocast_dtype,
+    checkpointing,
+)
 from worker.rounds.weights_file import load_into, release, spill
 
 __all__ = [
     "EpochStats",
     "TrainConfig",
     "TrainResult",
-    "autocast_dtype",
     "finetune",
-    "replay_ids",
     "train_loss",
 ]
 
 log = logging.getLogger(__name__)
-
-_AUTOCAST_MODES = ("auto", "bf16", "off")
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,15 @@ class TrainConfig:
     # Where the best epoch's weights wait while later epochs train (a scratch safetensors
     # file, deleted afterwards); None: in RAM, which costs one more copy of the model.
     spill_dir: str | None = None
+    # Activation checkpointing while training (where the architecture supports it): each
+    # decoder layer keeps only its input and recomputes the rest during backward. Costs a
+    # second forward's matmuls; saves nearly all of a micro-batch's activations.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # Fail before a round has spent minutes generating data.
-        if self.autocast not in _AUTOCAST_MODES:
-            raise ValueError(f"autocast must be one of {_AUTOCAST_MODES}, not {self.autocast!r}")
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {AUTOCAST_MODES}, not {self.autocast!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be at least 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -112,32 +116,6 @@ class TrainResult:
     tokens_trained: int
     seconds: float
     tokens_per_s: float
-
-
-def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """bf16 when asked, or under "auto" where the device runs bf16 matmuls natively.
-
-    float16 is never chosen: it needs loss scaling, and a GPU without bf16 is rare enough
-    that float32 is the simpler safe answer there. On a CPU without AVX512-BF16/AMX, bf16
-    is emulated and slower than float32, hence the check.
-    """
-    if mode == "off":
-        return None
-    if mode == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return None
-
-
-def _autocast(
-    device: torch.device, dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[Any]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -254,6 +232,20 @@ def finetune(
 
     ``anchor`` (:mod:`worker.rounds.anchor`) adds its KL term on the batch's real-text rows.
     """
+    with checkpointing(model, cfg.gradient_checkpointing):
+        return _finetune(model, tokenizer, train, valid, cfg, on_epoch, on_step, anchor)
+
+
+def _finetune(
+    model: Any,
+    tokenizer: Any,
+    train: TextsOrIds,
+    valid: TextsOrIds,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    on_step: Callable[[int, int, Callable[[], float]], None] | None = None,
+    anchor: Anchor | None = None,
+) -> TrainResult:
     pad_id = pad_id_of(tokenizer)
     train_windows = [w for _, w in split_windows(encode_texts(tokenizer, train), cfg.max_length)]
     # A one-id window has nothing to predict; leaving it out keeps every step useful.
@@ -315,7 +307,7 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             for part in micro_batches(batch, cfg.micro_batch_tokens):
                 ids, mask, labels = collate(part, pad_id, device)
-                with _autocast(device, amp):
+                with autocast_context(device, amp):
                     out = train_loss(model, ids, mask, labels, count)
                     loss = out.loss
                     # The KL anchor's term on this micro-batch's real-text rows (same count).
@@ -395,29 +387,3 @@ def finetune(
         seconds=seconds,
         tokens_per_s=tokens_trained / train_seconds if train_seconds > 0 else 0.0,
     )
-
-
-def replay_ids(
-    pool: list[str],
-    tokenizer: Any,
-    train_ids: Sequence[Sequence[int]],
-    fraction: float,
-    max_length: int,
-    rng: random.Random,
-) -> tuple[list[list[int]], int]:
-    """Real passages from ``pool`` (shuffled with ``rng``), as ids cut to ``max_length``,
-    until they make ``fraction`` of all training tokens. Returns the ids and their tokens."""
-    if fraction <= 0:
-        return [], 0
-    synth = sum(len(x) for x in train_ids)
-    target = synth * fraction / (1 - fraction)
-    pool = list(pool)
-    rng.shuffle(pool)
-    out: list[list[int]] = []
-    got = 0
-    for ids in encode_texts(tokenizer, pool):
-        if got >= target:
-            break
-        out.append(ids[:max_length])
-        got += len(out[-1])
-    return out, got
