@@ -110,10 +110,10 @@ def test_checkpointed_micro_batches_spilled_match_whole_batches_in_ram(tmp_path:
         TrainConfig(
             **base, micro_batch_tokens=24, spill_dir=str(tmp_path), gradient_checkpointing=True
         ),
-        on_step=lambda *_: checkpointed.append(small.is_gradient_checkpointing),
+        on_step=lambda *_: checkpointed.append(small.is_activation_checkpointing),
     )
     # Recomputed activations give the same step; checkpointing is on only while training.
-    assert checkpointed and all(checkpointed) and not small.is_gradient_checkpointing
+    assert checkpointed and all(checkpointed) and not small.is_activation_checkpointing
     assert got.best_epoch == ref.best_epoch and len(got.epochs) == len(ref.epochs)
     for a, b in zip(got.epochs, ref.epochs, strict=True):
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)

@@ -53,8 +53,14 @@ def checkpointing(model: Any, on: bool) -> Iterator[None]:
             log.info("gradient checkpointing: not supported by %s", type(model).__name__)
         yield
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x's names
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        off = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        off = model.gradient_checkpointing_disable
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        off()
