@@ -38,6 +38,11 @@ FLOOR = 8
 # Share of free memory the KV cache of a full batch may take, at `TYPICAL_CONTEXT` tokens.
 MEMORY_SHARE = 0.5
 TYPICAL_CONTEXT = 2048
+# Context of the timed steps that pick the limit (a typical short prompt), and of the
+# warm-up alone (a set limit, every later load): that only has to reach each batch size's
+# first-call allocations, and its caches are what a swap adds on top of two models.
+MEASURE_CONTEXT = 128
+WARM_UP_CONTEXT = 16
 
 
 @dataclass
@@ -124,13 +129,14 @@ def _step_rows_per_s(
 
 @torch.inference_mode()
 def measure(
-    model: Any, device: torch.device, max_context: int, limit: int | None, context: int = 128
+    model: Any, device: torch.device, max_context: int, limit: int | None, context: int = 0
 ) -> Sizing:
     """Warm the model up over the batch sizes up to `limit` (or up to what memory and the
     device cap allow), and with `limit` None pick the batch limit from the step timings."""
     started = time.perf_counter()
     cap = memory_cap(model, device, max_context)
     top = limit if limit is not None else min(CAP.get(device.type, 64), cap)
+    context = context or (MEASURE_CONTEXT if limit is None else WARM_UP_CONTEXT)
     context = max(1, min(context, max_context - 8))
     prompt = torch.arange(context, device=device)[None, :] % 100 + 10
     mask = torch.ones_like(prompt)
