@@ -46,6 +46,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--workdir", help="keep the scratch database here")
     ap.add_argument("--passages", type=int, default=24, help="train passages (default 24: 3 steps)")
+    ap.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help="comma-separated names from: " + ", ".join(SETTINGS) + " (default: all)",
+    )
     ap.add_argument("--out", default=default_out("update_memory"))
     return ap.parse_args(argv)
 
@@ -114,6 +119,10 @@ def _run_child(path: Path, micro: int | None, checkpointing: bool | None, n: int
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        raise SystemExit(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     setup_logging()
     from core.store import weights_bytes
 
@@ -126,12 +135,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         state.db.dispose()
         weights = weights_bytes(base)
         runs: dict[str, dict[str, Any]] = {}
-        for name, (micro, checkpointing) in SETTINGS.items():
+        for name in names:
+            micro, checkpointing = SETTINGS[name]
             log.info("setting %s", name)
             runs[name] = _run_child(base, micro, checkpointing, args.passages)
     results["weights_bytes"] = weights
     results["settings"] = runs
-    before = runs[next(iter(SETTINGS))]
+    before = runs[names[0]]
     rows = [
         [
             name,
@@ -155,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "peak RSS MiB",
                 "× weights",
                 "train tokens/s",
-                "× before",
+                "× first",
                 "train loss",
             ],
             rows,

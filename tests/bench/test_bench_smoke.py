@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # `bench` lives in the checkout, not in the insta
 
 import pytest  # noqa: E402
 
-from bench import memory, serve, swap  # noqa: E402
+from bench import memory, serve, swap, update_memory  # noqa: E402
 from bench import round as round_bench  # noqa: E402
 
 TINY = ["--model", "tiny:llama"]
@@ -119,6 +119,26 @@ def test_round_smoke(tmp_path: Path, store: list[str]) -> None:
         _positive(upd[mode], "tokens", "tokens_per_s", "ratio_vs_reference")
         assert upd[mode]["tokens"] == upd["reference"]["tokens"] == upd["tokens"]
     assert upd["autocast_off"]["autocast_dtype"] is None
+
+
+def test_update_memory_smoke(tmp_path: Path, store: list[str]) -> None:
+    """bench.update_memory: every setting's epoch in its own process, the old one first as
+    the baseline; the same passages and steps, so the same loss to float rounding."""
+    out = tmp_path / "update_memory.json"
+    names = [next(iter(update_memory.SETTINGS)), "default"]
+    argv = [*TINY, *store, "--passages", "4", "--settings", ",".join(names), "--out", str(out)]
+    data = _load(out, update_memory.main(argv))
+    runs = data["settings"]
+    assert list(runs) == names
+    assert (
+        runs["default"]["micro_batch_tokens"] == 256 and runs["default"]["gradient_checkpointing"]
+    )
+    first = runs[next(iter(runs))]
+    assert (first["micro_batch_tokens"], first["gradient_checkpointing"]) == (512, False)
+    for r in runs.values():
+        _positive(r, "peak_rss_bytes", "tokens", "tokens_per_s")
+        assert r["tokens"] == first["tokens"]
+        assert r["train_loss"] == pytest.approx(first["train_loss"], rel=1e-4)
 
 
 def test_round_memory_smoke(tmp_path: Path, store: list[str]) -> None:
