@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from core.modeling.detok import Detokenizer, StopFinder, special_ids
+from core.modeling.packed import packed_step, supports_packed
 from core.modeling.params import FinishReason, SamplingParams, TokenInfo, TopToken
 from core.modeling.sampling import (
     apply_frequency_presence,
@@ -202,24 +203,34 @@ def can_join(cache: DynamicCache) -> bool:
 
 
 def _merge(
-    cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
+    cache: DynamicCache,
+    mask: torch.Tensor,
+    other: list[tuple[torch.Tensor, torch.Tensor]],
+    other_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Append `other`'s rows to `cache` (in place); returns the merged attention mask.
+    """Append rows to `cache` (in place): `other` holds their keys and values per layer.
+    Returns the merged attention mask.
 
     Both are left-padded to the longer length; padded positions are masked out, and
     positions come from the mask, so every row keeps its own positions.
     """
     width = max(mask.shape[1], other_mask.shape[1])
-    for layer, new in zip(cache.layers, other.layers, strict=True):
+    for layer, (keys, values) in zip(cache.layers, other, strict=True):
         # can_join() checked these are DynamicLayer: plain key/value tensors.
-        assert isinstance(layer, DynamicLayer) and isinstance(new, DynamicLayer)
+        assert isinstance(layer, DynamicLayer)
         assert layer.keys is not None and layer.values is not None
-        assert new.keys is not None and new.values is not None
-        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(new.keys, width, 2)])
-        layer.values = torch.cat(
-            [_left_pad(layer.values, width, 2), _left_pad(new.values, width, 2)]
-        )
+        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(keys, width, 2)])
+        layer.values = torch.cat([_left_pad(layer.values, width, 2), _left_pad(values, width, 2)])
     return torch.cat([_left_pad(mask, width, 1), _left_pad(other_mask, width, 1)])
+
+
+def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer)
+        assert layer.keys is not None and layer.values is not None
+        out.append((layer.keys, layer.values))
+    return out
 
 
 def _prefill(
@@ -251,13 +262,16 @@ def decode_batch(
     admit: Callable[[int], list[Row]] | None = None,
     on_finish: Callable[[Row], None] | None = None,
     max_rows: int | None = None,
+    pack_joins: bool | None = None,
 ) -> None:
     """Generate for every row in place until each has a finish_reason.
 
     `on_finish(row)` is called the moment a row finishes, so its caller is answered without
     waiting for the rest of the batch. `admit(n)` is asked between steps for up to `n` new
     rows to join the running batch (continuous batching), keeping at most `max_rows`
-    (default: the initial number of rows) in flight; it may return none.
+    (default: the initial number of rows) in flight; it may return none. Newcomers are
+    prefilled in the same forward as the running rows' next step where the model allows it
+    (`pack_joins`: default `supports_packed(model)`; packed.py), else on their own.
     """
     if not rows:
         return
@@ -269,6 +283,7 @@ def decode_batch(
     cache, mask, logits = _prefill(model, rows, pad, device)
     plain = can_join(cache)  # plain per-layer caches: rows can join, padding can be cut
     joinable = admit is not None and plain
+    packed = joinable and (pack_joins if pack_joins is not None else supports_packed(model))
     active = list(rows)
     seen = [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in rows]
     max_rows = max_rows or len(rows)
@@ -334,25 +349,35 @@ def decode_batch(
         newcomers = admit(max_rows - len(active)) if joinable and admit is not None else []
         if not active and not newcomers:
             break
-        if active:
+        if active and newcomers and packed:
+            # One forward for the running rows and the newcomers' prompts (packed.py).
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            positions = mask.sum(-1, keepdim=True) - 1
-            out = model(
-                input_ids=chosen[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{cache_kw: cache},
+            positions = mask.sum(-1) - 1
+            logits, joined = packed_step(
+                model, cache, mask, chosen, positions, [r.prompt_ids for r in newcomers]
             )
-            logits = out.logits[:, -1, :]
-        if newcomers:
-            # Prefill the newcomers on their own, then append them to the running batch.
-            new_cache, new_mask, new_logits = _prefill(model, newcomers, pad, device)
+            mask = _merge(cache, mask, joined.kv, joined.mask)
+        else:
             if active:
-                mask = _merge(cache, mask, new_cache, new_mask)
-                logits = torch.cat([logits, new_logits])
-            else:
-                cache, mask, logits = new_cache, new_mask, new_logits
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                positions = mask.sum(-1, keepdim=True) - 1
+                out = model(
+                    input_ids=chosen[:, None],
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
+                logits = out.logits[:, -1, :]
+            if newcomers:
+                # Prefill the newcomers on their own, then append them to the running batch.
+                new_cache, new_mask, new_logits = _prefill(model, newcomers, pad, device)
+                if active:
+                    mask = _merge(cache, mask, _kv(new_cache), new_mask)
+                    logits = torch.cat([logits, new_logits])
+                else:
+                    cache, mask, logits = new_cache, new_mask, new_logits
+        if newcomers:
             active += newcomers
             seen += [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in newcomers]
 
