@@ -178,7 +178,9 @@ def _lower_thread_priority() -> None:
     """
     import torch
 
-    torch.set_num_threads(1)  # this thread only (OpenMP's thread count is per thread)
+    # This thread's OpenMP/MKL threads. It also lowers torch's global default, which any
+    # thread takes when it first runs an op: the decoding thread sets its own (batcher.py).
+    torch.set_num_threads(1)
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=256, ge=1)
     # New requests join a running batch between decoding steps (off: static batches).
     continuous_batching: bool = True
+    # Joining requests are prefilled in the same forward as the running rows' next step
+    # (core/modeling/packed.py; Llama-layout models); off: each join is its own forward.
+    packed_joins: bool = True
     # Intra-op threads for torch (0: torch's default, one per core). With several replicas
     # on one host give each cores/replicas: oversubscribed OpenMP threads spin and stall.
     torch_threads: int = Field(default=0, ge=0)

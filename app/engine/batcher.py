@@ -53,6 +53,11 @@ class Batcher:
         self.settings = settings
         self._current = current
         self.max_batch_size = max_batch_size
+        # The decoding thread's intra-op threads, fixed by the thread itself when it starts.
+        # torch gives a thread its *global* count the first time the thread asks for it or
+        # runs an op (even after a set_num_threads of its own), and the swap thread lowers
+        # that global to one (app/swap.py): decoding ran on one core of two until this.
+        self.threads = settings.torch_threads or torch.get_num_threads()
         self.queue: queue.Queue[Pending | None] = queue.Queue()
         self.stopping = threading.Event()
         self.batches = 0
@@ -101,6 +106,8 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
+        torch.get_num_threads()  # torch's per-thread initialisation first, then our count
+        torch.set_num_threads(self.threads)
         torch.set_grad_enabled(False)
         served: int | None = None  # the version the last batch ran on
         while not self.stopping.is_set():
@@ -198,6 +205,7 @@ class Batcher:
                 else None,
                 on_finish=lambda row: self._finish(cur, row),
                 max_rows=self.max_batch_size,
+                pack_joins=None if self.settings.packed_joins else False,
             )
         except Exception as e:  # a failed batch fails its requests, not the thread
             log.exception("batch of %d failed", len(self.in_flight))
