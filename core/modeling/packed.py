@@ -93,6 +93,8 @@ def packed_step(
     device = tokens.device
     b = tokens.shape[0]
     lens = [len(p) for p in prompts]
+    if not all(lens):
+        raise ValueError("a joining row has no prompt tokens")  # the engine refuses these
     spans, start = [], b
     for n in lens:
         spans.append((start, n))
