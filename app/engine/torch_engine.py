@@ -310,7 +310,11 @@ class TorchEngine:
         finally:
             abandon.cancel()
         if result.done():
-            return result.result()
+            try:
+                return result.result()
+            except EngineDeadlineError:  # the decoding thread saw the deadline first
+                self.expired += 1
+                raise
         why = abandon.result()
         self._abandon(row, fut, why)
         result.cancel()
@@ -354,7 +358,11 @@ class TorchEngine:
                 yield StreamToken(
                     id=tok, text=piece, logprob=logprob, special=tok in special, top=top
                 )
-            result: GenerationResult = await asyncio.wrap_future(fut)
+            try:
+                result: GenerationResult = await asyncio.wrap_future(fut)
+            except EngineDeadlineError:  # the decoding thread saw the deadline first
+                self.expired += 1
+                raise
         finally:
             abandon.cancel()
             if not fut.done() and not row.cancelled:  # the consumer stopped listening
