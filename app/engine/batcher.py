@@ -3,7 +3,9 @@
 Requests go into a queue; one thread takes up to `max_batch_size` of them (waiting at most
 `batch_wait_ms` for company) and decodes them together; with continuous batching, queued
 requests join the running batch between steps. The model is read once per batch, so a swap
-takes effect between batches and a batch always finishes on the model it started on.
+takes effect between batches and a batch always finishes on the model it started on;
+after a swap, queued requests start a batch on the new model at once, stepped in turn with
+the draining one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from app.engine.admission import ServiceMeter, request_error
 from app.engine.interface import EngineNotReadyError, GenerationResult, ModelInfo
 from core.malloc import trim
-from core.modeling.decode import Row, aborted, decode_batch, token_details
+from core.modeling.decode import BatchDecoder, Row, aborted
+from core.modeling.details import token_details
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,13 +136,10 @@ class Batcher:
             return False
         return True
 
-    def _admit(self, cur: LoadedModel, room: int) -> list[Row]:
-        """Queued requests that join the running batch (up to `room`)."""
-        # After a swap the batch only drains: new rows start on the new model.
-        if self._current() is not cur or self.stopping.is_set():
-            return []
-        joined: list[Row] = []
-        while len(joined) < room:
+    def _take(self, room: int) -> list[Pending]:
+        """Up to `room` queued requests that can start now (none waits)."""
+        taken: list[Pending] = []
+        while len(taken) < room:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
@@ -148,12 +148,20 @@ class Batcher:
                 self.stopping.set()
                 break
             if self._startable(item):
-                self.in_flight[id(item.row)] = item
-                joined.append(item.row)
+                taken.append(item)
+        return taken
+
+    def _admit(self, cur: LoadedModel, room: int) -> list[Row]:
+        """Queued requests that join the running batch (up to `room`)."""
+        # After a swap the batch only drains: new rows start on the new model (_overlap).
+        if self._current() is not cur or self.stopping.is_set():
+            return []
+        joined = self._take(room)
+        self.in_flight.update({id(p.row): p for p in joined})
         self.requests += len(joined)
         if joined:
             self._note_batch(len(self.in_flight))
-        return joined
+        return [p.row for p in joined]
 
     def _finish(self, cur: LoadedModel, row: Row) -> None:
         """Answer a row's request the moment it finishes."""
@@ -185,33 +193,53 @@ class Batcher:
             )
         )
 
+    def _start(self, cur: LoadedModel, batch: list[Pending]) -> BatchDecoder:
+        """A batch of `batch` on `cur`'s model: every row of it runs on that model."""
+        self.in_flight.update({id(p.row): p for p in batch})
+        self.batches += 1
+        self.requests += len(batch)
+        self._note_batch(len(self.in_flight))
+        return BatchDecoder(
+            cur.model,
+            cur.tokenizer,
+            [p.row for p in batch],
+            admit=(lambda room: self._admit(cur, room))
+            if self.settings.continuous_batching
+            else None,
+            on_finish=lambda row: self._finish(cur, row),
+            max_rows=self.max_batch_size,
+            pack_joins=None if self.settings.packed_joins else False,
+        )
+
     def _run_batch(self, batch: list[Pending]) -> None:
         cur = self._current()  # one read: every row of this batch runs on this model
         if cur is None:
             for p in batch:
                 p.future.set_exception(EngineNotReadyError("no model loaded yet"))
             return
-        self.in_flight.update({id(p.row): p for p in batch})
-        self.batches += 1
-        self.requests += len(batch)
-        self._note_batch(len(self.in_flight))
         try:
-            decode_batch(
-                cur.model,
-                cur.tokenizer,
-                [p.row for p in batch],
-                admit=(lambda room: self._admit(cur, room))
-                if self.settings.continuous_batching
-                else None,
-                on_finish=lambda row: self._finish(cur, row),
-                max_rows=self.max_batch_size,
-                pack_joins=None if self.settings.packed_joins else False,
-            )
+            running = [(cur, self._start(cur, batch))]
+            while running:
+                running = [(c, d) for c, d in running if d.step()]
+                self._overlap(running)
         except Exception as e:  # a failed batch fails its requests, not the thread
             log.exception("batch of %d failed", len(self.in_flight))
             for p in self.in_flight.values():
                 p.future.set_exception(e)
             self.in_flight.clear()
+
+    def _overlap(self, running: list[tuple[LoadedModel, BatchDecoder]]) -> None:
+        """After a swap, queued requests start a batch on the new model at once, stepped in
+        turn with the old batch while that one drains (rather than after it)."""
+        if not running or not self.settings.continuous_batching or self.stopping.is_set():
+            return
+        new = self._current()
+        if new is None or any(c is new for c, _ in running):
+            return
+        batch = self._take(self.max_batch_size)
+        if batch:
+            log.info("v%d starts beside the draining batch", new.info.version)
+            running.append((new, self._start(new, batch)))
 
     def _note_batch(self, size: int) -> None:
         if self.on_batch is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.engine.interface import EngineValidationError, PromptDetails
-from core.modeling.decode import prompt_logprobs
+from core.modeling.details import prompt_logprobs
 from core.modeling.params import TokenInfo
 
 

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from core.modeling.detok import Detokenizer, StopFinder, special_ids
 from core.modeling.packed import packed_step, supports_packed
-from core.modeling.params import FinishReason, SamplingParams, TokenInfo, TopToken
+from core.modeling.params import FinishReason, SamplingParams, TopToken
 from core.modeling.sampling import (
     apply_frequency_presence,
     apply_repetition_penalty,
@@ -253,7 +253,165 @@ def _prefill(
     return cache, mask, out.logits[:, -1, :]
 
 
-@torch.inference_mode()
+class BatchDecoder:
+    """One batch, decoded a step at a time (`step`); `decode_batch` runs it to the end.
+
+    `on_finish(row)` is called the moment a row finishes, so its caller is answered without
+    waiting for the rest of the batch. `admit(n)` is asked between steps for up to `n` new
+    rows to join the running batch (continuous batching), keeping at most `max_rows`
+    (default: the initial number of rows) in flight; it may return none. Newcomers are
+    prefilled in the same forward as the running rows' next step where the model allows it
+    (`pack_joins`: default `supports_packed(model)`; packed.py), else on their own. Stepping
+    lets one thread decode two batches in turn (a draining one and a new one after a swap).
+    """
+
+    @torch.inference_mode()
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        rows: list[Row],
+        pad_id: int | None = None,
+        admit: Callable[[int], list[Row]] | None = None,
+        on_finish: Callable[[Row], None] | None = None,
+        max_rows: int | None = None,
+        pack_joins: bool | None = None,
+    ) -> None:
+        if not rows:
+            raise ValueError("a batch needs at least one row")
+        self.model, self.tokenizer = model, tokenizer
+        self.admit, self.on_finish = admit, on_finish
+        self.device = next(model.parameters()).device
+        self.pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
+        self.stops = eos_ids(model, tokenizer)
+        self.special = special_ids(tokenizer)
+        self.cache_kw, _ = forward_kwargs(model)
+        self.cache, self.mask, self.logits = _prefill(model, rows, self.pad, self.device)
+        # Plain per-layer caches: rows can join, padding can be cut.
+        self.plain = can_join(self.cache)
+        self.joinable = admit is not None and self.plain
+        self.packed = self.joinable and (
+            pack_joins if pack_joins is not None else supports_packed(model)
+        )
+        self.active = list(rows)
+        self.seen = [self._ids(r) for r in rows]
+        self.max_rows = max_rows or len(rows)
+
+    def _ids(self, r: Row) -> torch.Tensor:
+        return torch.tensor(r.prompt_ids, dtype=torch.long, device=self.device)
+
+    def _done(self, r: Row, reason: FinishReason | None = None) -> None:
+        if reason is not None:
+            _finish(r, self.tokenizer, reason)
+        if self.on_finish is not None:
+            self.on_finish(r)
+
+    def _emit(self, r: Row, tok: int, lp: float) -> bool:
+        """Hand the row's new token to its callback; False if the callback failed."""
+        if r.on_token is None:
+            return True
+        try:
+            r.on_token(tok, lp)
+        except Exception as e:  # e.g. its client's loop is gone
+            r.error = e
+            return False
+        return True
+
+    def _choose(self) -> tuple[list[int], torch.Tensor]:
+        """Choose every row's next token; finish the rows that end. Returns the rows kept
+        (indices into `active`) and the chosen tokens."""
+        active, logits = self.active, self.logits
+        penalties = [r.params.repetition_penalty for r in active]
+        if any(p not in (None, 1.0) for p in penalties):
+            logits = logits.float().clone()
+            apply_repetition_penalty(logits, self.seen, penalties)
+        logits = _penalize(active, logits)
+        chosen, lp, failed = _choose_rows(logits, active)
+        chosen_list, lp_list = chosen.tolist(), lp.tolist()
+        _note_extras(active, logits, chosen_list)
+        keep: list[int] = []
+        now = time.monotonic()
+        for j, r in enumerate(active):
+            if (err := failed.get(j) or aborted(r, now)) is not None:
+                r.error = err
+                self._done(r)
+                continue
+            tok, tok_lp = int(chosen_list[j]), float(lp_list[j])
+            if tok in self.stops:
+                r.eos_token, r.eos_logprob = tok, tok_lp
+                self._emit(r, tok, tok_lp)
+                self._done(r, "eos_token")
+                continue
+            r.generated.append(tok)
+            r.logprobs.append(tok_lp)
+            if not self._emit(r, tok, tok_lp):
+                self._done(r)
+                continue
+            if r.params.repetition_penalty not in (None, 1.0):
+                self.seen[j] = torch.cat([self.seen[j], chosen[j : j + 1]])
+            if r.params.stop and _check_stop(r, self.tokenizer, self.special):
+                self._done(r, "stop_sequence")
+            elif len(r.generated) >= r.params.max_new_tokens:
+                self._done(r, "length")
+            else:
+                keep.append(j)
+        return keep, chosen
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Choose one token for every row, let newcomers join, run the next forward.
+        Returns False once no row is left (the batch is done)."""
+        if not self.active:
+            return False
+        keep, chosen = self._choose()
+        if len(keep) < len(self.active):
+            idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.cache.batch_select_indices(idx)
+            self.mask, chosen = self.mask[idx], chosen[idx]
+            if self.plain:
+                self.mask = _trim(self.cache, self.mask)
+            self.active = [self.active[j] for j in keep]
+            self.seen = [self.seen[j] for j in keep]
+        room = self.max_rows - len(self.active)
+        newcomers = self.admit(room) if self.joinable and self.admit is not None else []
+        if not self.active and not newcomers:
+            return False
+        self._forward(chosen, newcomers)
+        if newcomers:
+            self.active += newcomers
+            self.seen += [self._ids(r) for r in newcomers]
+        return True
+
+    def _forward(self, chosen: torch.Tensor, newcomers: list[Row]) -> None:
+        model, cache = self.model, self.cache
+        if self.active:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], 1)
+        if self.active and newcomers and self.packed:
+            # One forward for the running rows and the newcomers' prompts (packed.py).
+            positions = self.mask.sum(-1) - 1
+            prompts = [r.prompt_ids for r in newcomers]
+            self.logits, joined = packed_step(model, cache, self.mask, chosen, positions, prompts)
+            self.mask = _merge(cache, self.mask, joined.kv, joined.mask)
+            return
+        if self.active:
+            out = model(
+                input_ids=chosen[:, None],
+                attention_mask=self.mask,
+                position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                use_cache=True,
+                **{self.cache_kw: cache},
+            )
+            self.logits = out.logits[:, -1, :]
+        if newcomers:
+            # Prefill the newcomers on their own, then append them to the running batch.
+            new_cache, new_mask, new_logits = _prefill(model, newcomers, self.pad, self.device)
+            if self.active:
+                self.mask = _merge(cache, self.mask, _kv(new_cache), new_mask)
+                self.logits = torch.cat([self.logits, new_logits])
+            else:
+                self.cache, self.mask, self.logits = new_cache, new_mask, new_logits
+
+
 def decode_batch(
     model: Any,
     tokenizer: Any,
@@ -264,178 +422,10 @@ def decode_batch(
     max_rows: int | None = None,
     pack_joins: bool | None = None,
 ) -> None:
-    """Generate for every row in place until each has a finish_reason.
-
-    `on_finish(row)` is called the moment a row finishes, so its caller is answered without
-    waiting for the rest of the batch. `admit(n)` is asked between steps for up to `n` new
-    rows to join the running batch (continuous batching), keeping at most `max_rows`
-    (default: the initial number of rows) in flight; it may return none. Newcomers are
-    prefilled in the same forward as the running rows' next step where the model allows it
-    (`pack_joins`: default `supports_packed(model)`; packed.py), else on their own.
-    """
+    """Generate for every row in place until each has a finish_reason (`BatchDecoder`,
+    run to the end; the same arguments)."""
     if not rows:
         return
-    device = next(model.parameters()).device
-    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
-    stops = eos_ids(model, tokenizer)
-    special = special_ids(tokenizer)
-    cache_kw, _ = forward_kwargs(model)
-    cache, mask, logits = _prefill(model, rows, pad, device)
-    plain = can_join(cache)  # plain per-layer caches: rows can join, padding can be cut
-    joinable = admit is not None and plain
-    packed = joinable and (pack_joins if pack_joins is not None else supports_packed(model))
-    active = list(rows)
-    seen = [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in rows]
-    max_rows = max_rows or len(rows)
-
-    def done(r: Row, reason: FinishReason | None = None) -> None:
-        if reason is not None:
-            _finish(r, tokenizer, reason)
-        if on_finish is not None:
-            on_finish(r)
-
-    while active:
-        penalties = [r.params.repetition_penalty for r in active]
-        if any(p not in (None, 1.0) for p in penalties):
-            logits = logits.float().clone()
-            apply_repetition_penalty(logits, seen, penalties)
-        logits = _penalize(active, logits)
-        chosen, lp, failed = _choose_rows(logits, active)
-        chosen_list = chosen.tolist()
-        lp_list = lp.tolist()
-        _note_extras(active, logits, chosen_list)
-        keep: list[int] = []
-        now = time.monotonic()
-        for j, r in enumerate(active):
-            if (err := failed.get(j) or aborted(r, now)) is not None:
-                r.error = err
-                done(r)
-                continue
-            tok = int(chosen_list[j])
-            if tok in stops:
-                r.eos_token, r.eos_logprob = tok, float(lp_list[j])
-                if r.on_token is not None:
-                    try:
-                        r.on_token(tok, float(lp_list[j]))
-                    except Exception as e:  # e.g. its client's loop is gone
-                        r.error = e
-                done(r, "eos_token")
-                continue
-            r.generated.append(tok)
-            r.logprobs.append(float(lp_list[j]))
-            if r.on_token is not None:
-                try:
-                    r.on_token(tok, float(lp_list[j]))
-                except Exception as e:  # e.g. its client's loop is gone
-                    r.error = e
-                    done(r)
-                    continue
-            if r.params.repetition_penalty not in (None, 1.0):
-                seen[j] = torch.cat([seen[j], chosen[j : j + 1]])
-            if r.params.stop and _check_stop(r, tokenizer, special):
-                done(r, "stop_sequence")
-            elif len(r.generated) >= r.params.max_new_tokens:
-                done(r, "length")
-            else:
-                keep.append(j)
-        if len(keep) < len(active):
-            idx = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(idx)
-            mask, chosen = mask[idx], chosen[idx]
-            if plain:
-                mask = _trim(cache, mask)
-            active = [active[j] for j in keep]
-            seen = [seen[j] for j in keep]
-        newcomers = admit(max_rows - len(active)) if joinable and admit is not None else []
-        if not active and not newcomers:
-            break
-        if active and newcomers and packed:
-            # One forward for the running rows and the newcomers' prompts (packed.py).
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            positions = mask.sum(-1) - 1
-            logits, joined = packed_step(
-                model, cache, mask, chosen, positions, [r.prompt_ids for r in newcomers]
-            )
-            mask = _merge(cache, mask, joined.kv, joined.mask)
-        else:
-            if active:
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                positions = mask.sum(-1, keepdim=True) - 1
-                out = model(
-                    input_ids=chosen[:, None],
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    **{cache_kw: cache},
-                )
-                logits = out.logits[:, -1, :]
-            if newcomers:
-                # Prefill the newcomers on their own, then append them to the running batch.
-                new_cache, new_mask, new_logits = _prefill(model, newcomers, pad, device)
-                if active:
-                    mask = _merge(cache, mask, _kv(new_cache), new_mask)
-                    logits = torch.cat([logits, new_logits])
-                else:
-                    cache, mask, logits = new_cache, new_mask, new_logits
-        if newcomers:
-            active += newcomers
-            seen += [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in newcomers]
-
-
-def token_details(row: Row, tokenizer: Any) -> list[TokenInfo]:
-    """Each generated token, then the EOS token that ended the row (TGI reports it, special).
-
-    Texts are decoded incrementally (core/modeling/detok.py: linear in the length), so the
-    non-special texts add up to the generated text even where one character spans several
-    tokens: the token that completes a character carries it, the ones before carry "".
-    """
-    special = special_ids(tokenizer)
-    ids = list(row.generated)
-    lps = list(row.logprobs)
-    if row.eos_token is not None:
-        ids.append(row.eos_token)
-        lps.append(row.eos_logprob)
-    detok = Detokenizer(tokenizer, special)
-    pieces: list[str] = []
-    last = -1  # the last non-special token: it carries what is left at the end
-    for k, t in enumerate(ids):
-        if t in special:
-            pieces.append(tokenizer.decode([t], skip_special_tokens=False))
-        else:
-            pieces.append(detok.push(t))
-            last = k
-    if last >= 0:
-        pieces[last] += detok.flush()
-    return [
-        TokenInfo(
-            id=t,
-            text=piece,
-            logprob=lp,
-            special=t in special,
-            top=row.tops[k] if k < len(row.tops) else (),
-        )
-        for k, (t, lp, piece) in enumerate(zip(ids, lps, pieces, strict=True))
-    ]
-
-
-@torch.inference_mode()
-def prompt_logprobs(
-    model: Any, ids: list[int], top_n: int = 0
-) -> tuple[list[float | None], list[tuple[TopToken, ...]]]:
-    """Log-probability of each prompt token given the ones before it (None for the first),
-    and its `top_n` alternatives: TGI's `decoder_input_details`, OpenAI's `echo` logprobs."""
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    logp = model(input_ids=x).logits[0, :-1].float().log_softmax(-1)
-    target = x[0, 1:]
-    lps: list[float | None] = [None, *logp.gather(1, target[:, None])[:, 0].tolist()]
-    tops: list[tuple[TopToken, ...]] = [()]
-    if top_n > 0:
-        vals, idx = logp.topk(top_n, dim=-1)
-        tops += [
-            tuple(TopToken(id=t, logprob=v) for t, v in zip(ti, vi, strict=True))
-            for ti, vi in zip(idx.tolist(), vals.tolist(), strict=True)
-        ]
-    else:
-        tops += [()] * (len(ids) - 1)
-    return lps, tops
+    batch = BatchDecoder(model, tokenizer, rows, pad_id, admit, on_finish, max_rows, pack_joins)
+    while batch.step():
+        pass

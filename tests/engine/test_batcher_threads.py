@@ -1,20 +1,26 @@
-"""The decoding thread keeps its intra-op thread count when another thread lowers torch's
-(the swap thread runs on one core; app/swap.py). torch hands a thread its *global* count
-when the thread first runs an op, so a count set before that used to be overwritten and the
-server decoded on one core."""
+"""The decoding thread (app/engine/batcher.py) with no HTTP in front: its torch thread
+count, and what it does at a swap.
+
+It keeps its intra-op thread count when another thread lowers torch's (the swap thread
+runs on one core; app/swap.py): torch hands a thread its *global* count when the thread
+first runs an op, so a count set before that used to be overwritten and the server decoded
+on one core."""
 
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import torch
 
-from app.engine.batcher import Batcher, Pending
+from app.engine.batcher import Batcher, LoadedModel, Pending
+from app.engine.interface import ModelInfo
 from core.modeling.decode import Row
+from core.modeling.loader import tiny_model
 from core.modeling.params import SamplingParams
 from core.settings import Settings
 
@@ -47,3 +53,38 @@ def test_decoding_thread_keeps_its_count_after_another_thread_lowers_torchs(
     finally:
         batcher.close()
     assert seen and set(seen) == {2}, seen
+
+
+def _loaded(version: int) -> LoadedModel:
+    base = tiny_model("llama", seed=version)
+    base.model.eval()
+    info = ModelInfo(version, f"tiny-v{version}", "float32", "cpu", 512, datetime.now(UTC), 0)
+    return LoadedModel(base.model, base.tokenizer, info)
+
+
+def test_after_a_swap_new_requests_start_beside_the_draining_batch() -> None:
+    """The swap's gap: a request queued after a swap starts on the new model at once, not
+    after the old batch has drained (and the old batch still finishes on the old model)."""
+    v1, v2 = _loaded(1), _loaded(2)
+    serving = [v1]
+    finished: list[int] = []
+    batcher = Batcher(Settings(redis_url=None), lambda: serving[0], 4)
+    try:
+        long_row = Row([1, 2, 3], SamplingParams(400))  # this tiny model's greedy row: no EOS
+        old: Future[Any] = Future()
+        old.add_done_callback(lambda f: finished.append(f.result().model_version))
+        batcher.queue.put(Pending(long_row, old, time.monotonic()))
+        deadline = time.monotonic() + 30
+        while len(long_row.generated) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(long_row.generated) >= 5, "the first batch never started"
+        serving[0] = v2  # the swap
+        new: Future[Any] = Future()
+        new.add_done_callback(lambda f: finished.append(f.result().model_version))
+        batcher.queue.put(Pending(Row([4, 5], SamplingParams(3)), new, time.monotonic()))
+        assert new.result(timeout=60).model_version == 2
+        assert not old.done(), "the new request waited for the old batch to drain"
+        assert old.result(timeout=120).model_version == 1
+    finally:
+        batcher.close()
+    assert finished == [2, 1]

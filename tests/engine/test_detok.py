@@ -105,7 +105,7 @@ def test_decode_batch_stops_on_a_sequence_spanning_tokens(tiny: Any) -> None:
 
 
 def test_token_details_add_up_to_the_text_over_multibyte_characters(tok: Any) -> None:
-    from core.modeling.decode import token_details
+    from core.modeling.details import token_details
 
     text = "Grüße 日本語 🙂"
     ids = tok(text, add_special_tokens=False)["input_ids"]
