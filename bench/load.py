@@ -86,8 +86,13 @@ def largest_gap(done_times: Sequence[float], start: float, end: float) -> float:
 
     The last completion before the window and the first after it are included (the window's
     edges where there are none), so a stall that spans an edge still counts in full."""
+    return largest_gap_at(done_times, start, end)[0]
+
+
+def largest_gap_at(done_times: Sequence[float], start: float, end: float) -> tuple[float, float]:
+    """`largest_gap` and the time the gap ended (its closing completion)."""
     if end <= start:
-        return 0.0
+        return 0.0, start
     xs = sorted(done_times)
     before = [t for t in xs if t < start]
     after = [t for t in xs if t > end]
@@ -96,7 +101,7 @@ def largest_gap(done_times: Sequence[float], start: float, end: float) -> float:
         *(t for t in xs if start <= t <= end),
         after[0] if after else end,
     ]
-    return max(b - a for a, b in itertools.pairwise(points))
+    return max((b - a, b) for a, b in itertools.pairwise(points))
 
 
 @dataclass
@@ -157,6 +162,7 @@ def swap_summary(run: SwapRun, version: int = 2, margin_s: float = 1.0) -> dict[
     # The swap window: from the promotion until the replica serves v2 and a v2 answer is out.
     end = max(run.swapped, first_new)
     done = [o.done for o in res]
+    gap, gap_end = largest_gap_at(done, run.promoted, end)
     # Steady state before the swap, for scale: with a static batch, completions come in
     # bursts, so even an undisturbed server has gaps of about one batch's duration.
     steady_start, steady_end = run.load_started + margin_s, run.promoted - margin_s
@@ -169,7 +175,9 @@ def swap_summary(run: SwapRun, version: int = 2, margin_s: float = 1.0) -> dict[
         "failed": len(failed),
         "failed_statuses": sorted({o.status for o in failed}),
         "versions_seen": sorted({o.version for o in ok if o.version is not None}),
-        "largest_gap_ms": largest_gap(done, run.promoted, end) * 1000,
+        "largest_gap_ms": gap * 1000,
+        # Where it fell: its end, after the promotion (the replica switched at promote_to_swapped).
+        "largest_gap_ended_after_promotion_ms": (gap_end - run.promoted) * 1000,
         "window_s": end - run.promoted,
         "window_completions": sum(1 for t in done if run.promoted <= t <= end),
         "steady_largest_gap_ms": largest_gap(done, steady_start, steady_end) * 1000,

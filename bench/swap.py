@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ["requests sent", s["requests"], ""],
         ["failed", s["failed"], "0"],
         ["largest gap around the swap (ms)", s["largest_gap_ms"], ""],
+        ["… ended, after the promotion (ms)", s["largest_gap_ended_after_promotion_ms"], ""],
         [
             "largest gap before the swap = steady batch interval (ms)",
             s["steady_largest_gap_ms"],
