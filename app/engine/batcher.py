@@ -47,6 +47,20 @@ class Pending:
     first_token: float | None = None
 
 
+@dataclass
+class Call:
+    """Work run on the decoding thread itself (`Batcher.call`)."""
+
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+    def run(self) -> None:
+        try:
+            self.future.set_result(self.fn())
+        except BaseException as e:  # the caller gets it
+            self.future.set_exception(e)
+
+
 class Batcher:
     """The thread that decodes queued requests in batches on `current()`'s model."""
 
@@ -61,7 +75,7 @@ class Batcher:
         # runs an op (even after a set_num_threads of its own), and the swap thread lowers
         # that global to one (app/swap.py): decoding ran on one core of two until this.
         self.threads = settings.torch_threads or torch.get_num_threads()
-        self.queue: queue.Queue[Pending | None] = queue.Queue()
+        self.queue: queue.Queue[Pending | Call | None] = queue.Queue()
         self.stopping = threading.Event()
         self.batches = 0
         self.requests = 0
@@ -81,6 +95,16 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.meter.slots = max_batch_size
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the decoding thread (between batches) and return its result. The
+        first model is loaded and warmed up there: torch work spread over two threads'
+        OpenMP teams ran the decoding thread's steps slower than one thread doing both."""
+        if not self.alive():
+            return fn()
+        item = Call(fn, Future())
+        self.queue.put(item)
+        return item.future.result()
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -94,6 +118,9 @@ class Batcher:
         first = self.queue.get()
         if first is None:
             return []
+        if isinstance(first, Call):
+            first.run()
+            return []
         batch = [first]
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
         while len(batch) < self.max_batch_size:
@@ -105,6 +132,9 @@ class Batcher:
             if item is None:
                 self.stopping.set()
                 break
+            if isinstance(item, Call):
+                item.run()
+                continue
             batch.append(item)
         return batch
 
@@ -147,7 +177,9 @@ class Batcher:
             if item is None:
                 self.stopping.set()
                 break
-            if self._startable(item):
+            if isinstance(item, Call):
+                item.run()
+            elif self._startable(item):
                 taken.append(item)
         return taken
 

@@ -116,7 +116,15 @@ class TorchEngine:
 
     # -- model lifecycle -------------------------------------------------------------
     def load(self, ref: CheckpointRef) -> LoadedModel:
-        """Verify and load a checkpoint beside the serving one (does not swap)."""
+        """Verify and load a checkpoint beside the serving one (does not swap). The first
+        one is loaded and warmed up on the decoding thread (Batcher.call); a swap's, on the
+        caller's (the swap thread: one torch thread, nice 19)."""
+        if self._current is None:
+            loaded: LoadedModel = self._batcher.call(lambda: self._load(ref))
+            return loaded
+        return self._load(ref)
+
+    def _load(self, ref: CheckpointRef) -> LoadedModel:
         loaded = registry.open(ref, self.device, self.dtype)
         model, tokenizer, p, version = loaded.model, loaded.tokenizer, ref.path, ref.version
         info = ModelInfo(
