@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from transformers import DynamicCache
@@ -412,20 +412,23 @@ class BatchDecoder:
                 self.cache, self.mask, self.logits = new_cache, new_mask, new_logits
 
 
+class DecodeOptions(TypedDict, total=False):
+    """`BatchDecoder`'s keyword arguments, as `decode_batch` passes them on."""
+
+    pad_id: int | None
+    admit: Callable[[int], list[Row]] | None
+    on_finish: Callable[[Row], None] | None
+    max_rows: int | None
+    pack_joins: bool | None
+
+
 def decode_batch(
-    model: Any,
-    tokenizer: Any,
-    rows: list[Row],
-    pad_id: int | None = None,
-    admit: Callable[[int], list[Row]] | None = None,
-    on_finish: Callable[[Row], None] | None = None,
-    max_rows: int | None = None,
-    pack_joins: bool | None = None,
+    model: Any, tokenizer: Any, rows: list[Row], **options: Unpack[DecodeOptions]
 ) -> None:
     """Generate for every row in place until each has a finish_reason (`BatchDecoder`,
-    run to the end; the same arguments)."""
+    run to the end; the same keyword arguments)."""
     if not rows:
         return
-    batch = BatchDecoder(model, tokenizer, rows, pad_id, admit, on_finish, max_rows, pack_joins)
+    batch = BatchDecoder(model, tokenizer, rows, **options)
     while batch.step():
         pass
