@@ -70,15 +70,21 @@ def _measure_cfg(small: bool, quick: bool = False) -> Any:
 QUICK_ROUND: dict[str, Any] = {"num_prompts": 8, "eval_passages": 12, "diversity_prompts": 8}
 
 
-def _params(method: str, round_no: int, small: bool, quick: bool = False) -> dict[str, Any]:
+def _params(
+    method: str, round_no: int, small: bool, quick: bool = False, sets: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Defaults < --small/--quick sizes < --set KEY=V < --set METHOD:KEY=V."""
     from core.round_params import RoundParams
-    from studies.quality.arms import SMALL_ROUND
+    from studies.quality.arms import SMALL_ROUND, parse_sets
 
     values: dict[str, Any] = dict(SMALL_ROUND) if small else {}
     if quick:
         values.update(QUICK_ROUND)
     if small:
         values["learning_rate"] = 3e-3  # a tiny random-init model: let the round move it
+    common, per_method = parse_sets(sets, groups=METHODS)
+    values.update(common)
+    values.update(per_method.get(method, {}))
     values.update(update_method=method, seed=round_no)
     return RoundParams(**values).model_dump(mode="json")
 
@@ -149,6 +155,16 @@ class Bench:
             if self.state_path.exists()
             else {"rounds": {m: [] for m in METHODS}, "base": None}
         )
+        # A run's overrides are fixed by its first round; later calls may leave them out.
+        started = any(self.state["rounds"][m] for m in METHODS)
+        recorded: list[str] = self.state.get("sets", [])
+        if started and a.sets and a.sets != recorded:
+            raise SystemExit(
+                f"{self.work} was run with --set {recorded}, not {a.sets}; use another --work"
+            )
+        if started and not a.sets:
+            a.sets = recorded
+        self.state["sets"] = a.sets
 
     def save(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -194,7 +210,7 @@ class Bench:
                 f"{method}: the store at {root} has {len(rows)} finished rounds but the "
                 f"results {len(done)}; delete {self.work} and start over"
             )
-        params = json.dumps(_params(method, round_no, self.a.small, self.a.quick))
+        params = json.dumps(_params(method, round_no, self.a.small, self.a.quick, self.a.sets))
         log.info("%s round %d/%d", method, round_no, self.a.rounds)
         cmd = [sys.executable, "-m", "bench.lora", "--child", str(root), str(base_dir)]
         cmd += ["--base-model", self.a.base_model, "--device", self.a.device, "--params", params]
@@ -285,7 +301,8 @@ class Bench:
             "base_model": self.a.base_model,
             "rounds_per_method": self.a.rounds,
             "quick": self.a.quick,
-            "params": {m: _params(m, 1, self.a.small, self.a.quick) for m in METHODS},
+            "sets": self.a.sets,
+            "params": {m: _params(m, 1, self.a.small, self.a.quick, self.a.sets) for m in METHODS},
             "base": base,
             "rounds": self.state["rounds"],
             "table": table,
@@ -312,6 +329,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--prepare", action="store_true", help="import and measure the base only")
     ap.add_argument("--report", action="store_true", help="print the table, write the JSON")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="round-parameter override for both methods or one (lora:learning_rate=2e-4); "
+        "a run's rounds must all use the same overrides",
+    )
     ap.add_argument("--small", action="store_true", help="tiny:llama, seconds (smoke)")
     ap.add_argument("--base-model", default=None)
     ap.add_argument("--device", default="cpu")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,13 @@ SMALL_ROUND: dict[str, Any] = {
 }
 
 
-def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def parse_sets(
+    items: Sequence[str], groups: Collection[str] | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``KEY=VALUE`` (every arm; the arm's own overrides win) or ``ARM:KEY=VALUE`` (one arm,
-    wins over everything). VALUE is JSON when it parses as JSON, else a string."""
+    wins over everything). VALUE is JSON when it parses as JSON, else a string. ``groups``
+    names what may stand before the colon (default: the study's arms)."""
+    allowed = ARMS if groups is None else groups
     from core.round_params import RoundParams
 
     common: dict[str, Any] = {}
@@ -110,8 +114,8 @@ def parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str
         arm = None
         if ":" in key:
             arm, key = key.split(":", 1)
-            if arm not in ARMS:
-                raise ValueError(f"--set {item!r}: unknown arm {arm!r}")
+            if arm not in allowed:
+                raise ValueError(f"--set {item!r}: unknown {arm!r} (known: {sorted(allowed)})")
         if key not in RoundParams.model_fields or key in ("seed", "corpus"):
             raise ValueError(f"--set {item!r}: {key!r} is not a settable round parameter")
         try:
