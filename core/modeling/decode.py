@@ -17,9 +17,9 @@ from typing import Any, TypedDict, Unpack
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from core.modeling.detok import Detokenizer, StopFinder, special_ids
+from core.modeling.kvcache import can_join, layers_kv, merge, trim
 from core.modeling.packed import packed_step, supports_packed
 from core.modeling.params import FinishReason, SamplingParams, TopToken
 from core.modeling.sampling import (
@@ -172,67 +172,6 @@ def _finish(row: Row, tokenizer: Any, reason: FinishReason) -> None:
     row.text = tokenizer.decode(row.generated, skip_special_tokens=True)
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _trim(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
-    """Drop the left columns no row attends to any more (the padding of rows that left),
-    so the batch's width follows its rows, not the longest row it ever held. Positions come
-    from the mask, so they do not move. Returns the trimmed mask."""
-    used = mask.any(0)
-    first = int(used.int().argmax()) if bool(used.any()) else 0
-    if first == 0:
-        return mask
-    for layer in cache.layers:
-        assert isinstance(layer, DynamicLayer)
-        assert layer.keys is not None and layer.values is not None
-        layer.keys = layer.keys[:, :, first:]
-        layer.values = layer.values[:, :, first:]
-    return mask[:, first:]
-
-
-def can_join(cache: DynamicCache) -> bool:
-    """Rows can join a running batch only with plain per-layer caches (no sliding window)."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _merge(
-    cache: DynamicCache,
-    mask: torch.Tensor,
-    other: list[tuple[torch.Tensor, torch.Tensor]],
-    other_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Append rows to `cache` (in place): `other` holds their keys and values per layer.
-    Returns the merged attention mask.
-
-    Both are left-padded to the longer length; padded positions are masked out, and
-    positions come from the mask, so every row keeps its own positions.
-    """
-    width = max(mask.shape[1], other_mask.shape[1])
-    for layer, (keys, values) in zip(cache.layers, other, strict=True):
-        # can_join() checked these are DynamicLayer: plain key/value tensors.
-        assert isinstance(layer, DynamicLayer)
-        assert layer.keys is not None and layer.values is not None
-        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(keys, width, 2)])
-        layer.values = torch.cat([_left_pad(layer.values, width, 2), _left_pad(values, width, 2)])
-    return torch.cat([_left_pad(mask, width, 1), _left_pad(other_mask, width, 1)])
-
-
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for layer in cache.layers:
-        assert isinstance(layer, DynamicLayer)
-        assert layer.keys is not None and layer.values is not None
-        out.append((layer.keys, layer.values))
-    return out
-
-
 def _prefill(
     model: Any, rows: list[Row], pad: int, device: torch.device
 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
@@ -369,7 +308,7 @@ class BatchDecoder:
             self.cache.batch_select_indices(idx)
             self.mask, chosen = self.mask[idx], chosen[idx]
             if self.plain:
-                self.mask = _trim(self.cache, self.mask)
+                self.mask = trim(self.cache, self.mask)
             self.active = [self.active[j] for j in keep]
             self.seen = [self.seen[j] for j in keep]
         room = self.max_rows - len(self.active)
@@ -391,7 +330,7 @@ class BatchDecoder:
             positions = self.mask.sum(-1) - 1
             prompts = [r.prompt_ids for r in newcomers]
             self.logits, joined = packed_step(model, cache, self.mask, chosen, positions, prompts)
-            self.mask = _merge(cache, self.mask, joined.kv, joined.mask)
+            self.mask = merge(cache, self.mask, joined.kv, joined.mask)
             return
         if self.active:
             out = model(
@@ -406,7 +345,7 @@ class BatchDecoder:
             # Prefill the newcomers on their own, then append them to the running batch.
             new_cache, new_mask, new_logits = _prefill(model, newcomers, self.pad, self.device)
             if self.active:
-                self.mask = _merge(cache, self.mask, _kv(new_cache), new_mask)
+                self.mask = merge(cache, self.mask, layers_kv(new_cache), new_mask)
                 self.logits = torch.cat([self.logits, new_logits])
             else:
                 self.cache, self.mask, self.logits = new_cache, new_mask, new_logits
