@@ -4,10 +4,13 @@ over the batch sizes the server will see (every load, so a swapped-in model star
 One row's prompt of `context` tokens is prefilled, its cache copied to b rows, and decoding
 steps are timed at b = 1, 2, 4, ... up to what memory allows. Rows per second of a step
 rise with b while the hardware has room (a CPU's matrix units, a GPU's cores) and flatten
-when it has none; the limit is the largest b whose doubling still bought `GAIN` more
-throughput. The limit binds only when more requests are in flight than it allows, and
-then (Little's law: latency = requests in flight / throughput) more throughput is also
-less latency, queueing included; past the knee a bigger batch only makes every row slower.
+when it has none. The limit binds only when more requests are in flight than it allows,
+and then (Little's law: latency = requests in flight / throughput) more throughput is also
+less latency, queueing included. So the limit is the largest b whose throughput is within
+`GAIN` of the best measured (:func:`choose_limit`): on the flat part a bigger batch costs
+nothing, while a limit below the knee leaves clients queueing behind a batch that had room
+(a limit of 8 where 32 fitted served at two thirds of the rate). Every size is timed, as the
+best of a few steps, so that one noisy timing cannot stop the search early.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ log = logging.getLogger(__name__)
 
 # The most rows a measured limit may reach, per device type.
 CAP = {"cpu": 64, "cuda": 256}
-# Doubling the batch must raise step throughput by at least this factor to be worth it
-# (above the noise of a two-sample timing).
+# A batch size whose step throughput is within this factor of the best measured one is as
+# good as it (the timing's noise on a shared CPU is larger).
 GAIN = 1.05
+# Timed steps per batch size when measuring (the first one only warms up).
+MEASURE_STEPS = 4
 # A measured limit is at least this (a noisy measurement must not leave clients queueing).
 FLOOR = 8
 # Share of free memory the KV cache of a full batch may take, at `TYPICAL_CONTEXT` tokens.
@@ -83,6 +88,14 @@ def memory_cap(model: Any, device: torch.device, max_context: int) -> int:
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
     per_row = kv_bytes_per_token(model) * min(max_context, TYPICAL_CONTEXT)
     return max(1, int(free * MEMORY_SHARE // max(per_row, 1)))
+
+
+def choose_limit(rates: dict[int, float], top: int) -> int:
+    """The largest measured batch size within `GAIN` of the best step throughput, at least
+    `FLOOR` (or `top`, if smaller)."""
+    best = max(rates.values(), default=0.0)
+    good = [b for b, r in rates.items() if r * GAIN >= best]
+    return min(top, max([FLOOR, *good]))
 
 
 def _sizes(top: int) -> list[int]:
@@ -146,17 +159,11 @@ def measure(
     if has_keep:
         extra["logits_to_keep"] = 1
     model(input_ids=prompt, attention_mask=mask, **extra)
-    rates: dict[int, float] = {}
-    chosen = top
-    for b in _sizes(top):
-        # A set limit needs only the warm-up: one step per size.
-        rates[b] = _step_rows_per_s(model, one, mask, b, 3 if limit is None else 1)
-        prev = rates.get(b // 2) if b // 2 >= FLOOR else None
-        if limit is None and prev is not None and rates[b] < GAIN * prev:
-            chosen = b // 2  # doubling to b bought too little
-            break
+    # A set limit needs only the warm-up: one step per size.
+    steps = MEASURE_STEPS if limit is None else 1
+    rates = {b: _step_rows_per_s(model, one, mask, b, steps) for b in _sizes(top)}
     sizing = Sizing(
-        limit=limit if limit is not None else chosen,
+        limit=limit if limit is not None else choose_limit(rates, top),
         rows_per_s=rates,
         memory_cap=cap,
         seconds=time.perf_counter() - started,

@@ -64,3 +64,15 @@ def test_contexts_stay_inside_a_short_model_window(tiny: Any) -> None:
         tiny.model, lambda: sizing.measure(tiny.model, torch.device("cpu"), 20, 4)
     )
     assert widths == [12]  # max_context - 8
+
+
+def test_the_limit_is_the_largest_size_near_the_best_throughput() -> None:
+    # Rising to a plateau: the largest size on the plateau, not the first that flattens.
+    assert sizing.choose_limit({1: 10, 2: 19, 4: 35, 8: 60, 16: 80, 32: 82, 64: 83}, 64) == 64
+    # A noisy dip in the middle does not stop the search below the knee.
+    assert sizing.choose_limit({1: 10, 8: 60, 16: 50, 32: 90, 64: 70}, 64) == 32
+    # Past the knee the throughput falls: sizes more than GAIN below the best are left out.
+    assert sizing.choose_limit({1: 10, 8: 60, 16: 100, 32: 90, 64: 60}, 64) == 16
+    # Never below the floor (a slow device that peaks at batch 2), never above the top.
+    assert sizing.choose_limit({1: 10, 2: 12, 4: 9, 8: 5}, 8) == sizing.FLOOR
+    assert sizing.choose_limit({1: 10, 2: 12, 4: 9}, 4) == 4
