@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -104,6 +105,21 @@ def largest_gap_at(done_times: Sequence[float], start: float, end: float) -> tup
     return max((b - a, b) for a, b in itertools.pairwise(points))
 
 
+def equal_window_gaps(
+    done_times: Sequence[float], start: float, end: float, width: float
+) -> list[float]:
+    """`largest_gap` in each whole window of `width` seconds that fits in ``[start, end]``,
+    counted back from `end` (the windows nearest the swap first). The largest gap of a
+    window grows with its length, so a swap window is compared with steady ones as long."""
+    if width <= 0:
+        return []
+    gaps, hi = [], end
+    while hi - width >= start:
+        gaps.append(largest_gap(done_times, hi - width, hi))
+        hi -= width
+    return gaps
+
+
 @dataclass
 class SwapRun:
     results: list[Outcome]
@@ -166,6 +182,8 @@ def swap_summary(run: SwapRun, version: int = 2, margin_s: float = 1.0) -> dict[
     # Steady state before the swap, for scale: with a static batch, completions come in
     # bursts, so even an undisturbed server has gaps of about one batch's duration.
     steady_start, steady_end = run.load_started + margin_s, run.promoted - margin_s
+    # The same before the swap, in windows as long as the swap window (their median).
+    steady = equal_window_gaps(done, steady_start, steady_end, end - run.promoted)
     ok = [o for o in res if o.status == 200]
     tokens = sum(o.tokens for o in ok)
     elapsed = run.stopped - run.load_started
@@ -182,6 +200,8 @@ def swap_summary(run: SwapRun, version: int = 2, margin_s: float = 1.0) -> dict[
         "window_completions": sum(1 for t in done if run.promoted <= t <= end),
         "steady_largest_gap_ms": largest_gap(done, steady_start, steady_end) * 1000,
         "steady_window_s": max(0.0, steady_end - steady_start),
+        "steady_equal_window_gaps_ms": [g * 1000 for g in steady],
+        "steady_equal_window_gap_ms": statistics.median(steady) * 1000 if steady else None,
         "steady_completions": sum(1 for t in done if steady_start <= t <= steady_end),
         "promote_status": run.promote_status,
         "promote_to_swapped_ms": (run.swapped - run.promoted) * 1000,
