@@ -52,7 +52,13 @@ class RoundParams(BaseModel):
     valid_size: int = Field(default=8, ge=1, le=10000)
     # update
     replay_fraction: float = Field(default=0.25, ge=0, lt=1)
-    learning_rate: float = Field(default=5e-5, gt=0, le=1e-2)
+    learning_rate: float = Field(
+        default=5e-5,
+        gt=0,
+        le=1e-2,
+        description="AdamW learning rate; 5e-5 suits full fine-tuning, LoRA rounds want about "
+        "2e-4 (docs/benchmarks.md, LoRA rounds)",
+    )
     epochs: int = Field(default=2, ge=1, le=20)
     batch_size: int = Field(default=8, ge=1, le=256)
     max_length: int = Field(default=256, ge=16, le=4096)
