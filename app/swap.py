@@ -79,7 +79,7 @@ class SwapWatcher:
 
     # -- threads ---------------------------------------------------------------------
     def _poll_loop(self) -> None:
-        _lower_thread_priority()
+        _lower_thread_priority(self.settings.swap_nice)
         while not self._stop.is_set():
             try:
                 self.check()
@@ -167,10 +167,11 @@ class SwapWatcher:
         log.info("swapped to v%d in %.2fs", target.version, self.last_swap_seconds)
 
 
-def _lower_thread_priority() -> None:
+def _lower_thread_priority(nice: int) -> None:
     """Let the serving threads win the CPU while this thread verifies and loads.
 
-    On Linux scheduling is per thread: nice 19 gives this one ~1.5% of a contended CPU
+    On Linux scheduling is per thread: nice 19 (`SELFLM_SWAP_NICE`'s default) gives this
+    one ~1.5% of a contended CPU
     against a normal thread, and torch's intra-op threads are per thread too, so a dtype
     conversion here runs on one core instead of spreading over the decoder's. (SCHED_IDLE
     would starve the swap outright on a busy machine: the watcher must still get through.)
@@ -182,6 +183,6 @@ def _lower_thread_priority() -> None:
     # thread takes when it first runs an op: the decoding thread sets its own (batcher.py).
     torch.set_num_threads(1)
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
         log.debug("could not lower the swap thread's priority", exc_info=True)

@@ -1,5 +1,9 @@
 """The batch limit from the hardware, measured when the first model loads; and the warm-up
 over the batch sizes the server will see (every load, so a swapped-in model starts warm).
+On a CPU a later load warms up at batch 1 only: a freshly loaded model's first step at
+each batch size costs what its later ones do there (88/86 ms at batch 1, 495/492 ms at 64,
+SmolLM2-135M, float32), while a warm-up over every size took 20 s of a swap under load (at
+nice 19) and ended in the longest serving gap of it.
 
 One row's prompt of `context` tokens is prefilled, its cache copied to b rows, and decoding
 steps are timed at b = 1, 2, 4, ... up to what memory allows. Rows per second of a step
@@ -142,10 +146,17 @@ def _step_rows_per_s(
 
 @torch.inference_mode()
 def measure(
-    model: Any, device: torch.device, max_context: int, limit: int | None, context: int = 0
+    model: Any,
+    device: torch.device,
+    max_context: int,
+    limit: int | None,
+    context: int = 0,
+    every_size: bool | None = None,
 ) -> Sizing:
     """Warm the model up over the batch sizes up to `limit` (or up to what memory and the
-    device cap allow), and with `limit` None pick the batch limit from the step timings."""
+    device cap allow), and with `limit` None pick the batch limit from the step timings.
+    With a set `limit`, `every_size` (default: on a GPU only) warms up every size, else batch
+    1 alone (see the module's docstring)."""
     started = time.perf_counter()
     cap = memory_cap(model, device, max_context)
     top = limit if limit is not None else min(CAP.get(device.type, 64), cap)
@@ -161,7 +172,9 @@ def measure(
     model(input_ids=prompt, attention_mask=mask, **extra)
     # A set limit needs only the warm-up: one step per size.
     steps = MEASURE_STEPS if limit is None else 1
-    rates = {b: _step_rows_per_s(model, one, mask, b, steps) for b in _sizes(top)}
+    every = device.type != "cpu" if every_size is None else every_size
+    sizes = _sizes(top) if limit is None or every else [1]
+    rates = {b: _step_rows_per_s(model, one, mask, b, steps) for b in sizes}
     sizing = Sizing(
         limit=limit if limit is not None else choose_limit(rates, top),
         rows_per_s=rates,

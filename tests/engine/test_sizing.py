@@ -39,12 +39,20 @@ def test_a_set_limit_is_a_short_warm_up_over_every_batch_size(tiny: Any) -> None
     got: list[sizing.Sizing] = []
     widths = _prefill_widths(
         tiny.model,
-        lambda: got.append(sizing.measure(tiny.model, torch.device("cpu"), 4096, 12)),
+        lambda: got.append(
+            sizing.measure(tiny.model, torch.device("cpu"), 4096, 12, every_size=True)
+        ),
     )
     assert got[0].limit == 12
     assert list(got[0].rows_per_s) == [1, 2, 4, 8, 12]
     # The warm-up's caches are what a swap holds beside two models: a short prompt.
     assert widths == [sizing.WARM_UP_CONTEXT]
+
+
+def test_on_a_cpu_a_set_limit_warms_up_at_batch_one_only(tiny: Any) -> None:
+    got = sizing.measure(tiny.model, torch.device("cpu"), 4096, 12)
+    assert got.limit == 12
+    assert list(got.rows_per_s) == [1]
 
 
 def test_a_measured_limit_times_a_typical_prompt_within_floor_and_cap(tiny: Any) -> None:
