@@ -97,9 +97,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stop_server(server)
             state.db.dispose()
     summary = swap_summary(run)
-    summary["gap_vs_steady"] = ratio(
-        summary["largest_gap_ms"], summary["steady_equal_window_gap_ms"] or 0.0
-    )
+    # None (shown "-") when the swap window was longer than the steady load: no equal window.
+    steady = summary["steady_equal_window_gap_ms"]
+    summary["gap_vs_steady"] = ratio(summary["largest_gap_ms"], steady) if steady else None
     summary["gap_vs_whole_steady_window"] = ratio(
         summary["largest_gap_ms"], summary["steady_largest_gap_ms"]
     )
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ],
         [
             "swap gap in steady batch intervals",
-            s["gap_vs_steady"],
+            s["gap_vs_steady"] if s["gap_vs_steady"] is not None else "-",
             f"≤ {TARGET_GAP_INTERVALS:g}",
         ],
         [

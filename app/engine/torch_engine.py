@@ -118,7 +118,7 @@ class TorchEngine:
     def load(self, ref: CheckpointRef) -> LoadedModel:
         """Verify and load a checkpoint beside the serving one (does not swap). The first
         one is loaded and warmed up on the decoding thread (Batcher.call); a swap's, on the
-        caller's (the swap thread: one torch thread, nice 19)."""
+        caller's (the swap thread: one torch thread, nice `SELFLM_SWAP_NICE`)."""
         if self._current is None:
             loaded: LoadedModel = self._batcher.call(lambda: self._load(ref))
             return loaded
