@@ -192,6 +192,8 @@ def load_checkpoint(
 
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit
+# Bytes of a stored tensor converted to the serving dtype at a time (see _read_safetensors).
+CONVERT_CHUNK = 8 << 20
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -267,7 +269,11 @@ def _read_safetensors(
                 for name, info in header.items()
             )
             out: dict[str, torch.Tensor] = {}
-            scratch = torch.empty(0, dtype=torch.uint8)
+            # One reused scratch buffer of CONVERT_CHUNK bytes: a temporary per tensor would
+            # be freed into the heap and stay resident (glibc does not return it), and one as
+            # large as the largest tensor (the 113 MB float32 embedding of the bundled model)
+            # would sit beside the serving model for the whole of a swap's load.
+            scratch = torch.empty(CONVERT_CHUNK, dtype=torch.uint8)
             pos, data_len = 0, r.size - 8 - n
             for start, end, name, info in entries:
                 if not pos <= start <= end <= data_len:
@@ -281,13 +287,7 @@ def _read_safetensors(
                 t = torch.empty(shape, dtype=dtype if convert else dt)
                 if end > start:
                     if convert:
-                        # Through one reused scratch buffer: a temporary per tensor would be
-                        # freed into the heap and stay resident (glibc does not return it).
-                        if scratch.numel() < end - start:
-                            scratch = torch.empty(end - start, dtype=torch.uint8)
-                        raw_t = scratch[: end - start]
-                        r.readinto(raw_t.numpy().data)
-                        t.copy_(raw_t.view(dt).view(shape))
+                        _read_converted(r, t.view(-1), dt, scratch)
                     else:
                         r.readinto(t.view(-1).view(torch.uint8).numpy().data)
                 pos = end
@@ -297,6 +297,19 @@ def _read_safetensors(
             r.finish()  # a damaged file is reported as such (checksum), not as malformed
             raise store.CheckpointError(f"unreadable safetensors file {fp}: {e}") from e
     return out
+
+
+def _read_converted(
+    r: store.CheckedReader, dest: torch.Tensor, stored: torch.dtype, scratch: torch.Tensor
+) -> None:
+    """Read ``dest.numel()`` values stored as `stored` into the flat tensor `dest` (another
+    dtype), a scratch buffer's worth at a time."""
+    per = max(1, scratch.numel() // stored.itemsize)
+    for i in range(0, dest.numel(), per):
+        n = min(per, dest.numel() - i)
+        raw = scratch[: n * stored.itemsize]
+        r.readinto(raw.numpy().data)
+        dest[i : i + n].copy_(raw.view(stored))
 
 
 def _model_from(config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> Any:

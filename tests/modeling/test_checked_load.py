@@ -219,7 +219,13 @@ def test_served_weights_do_not_depend_on_the_file(ref: CheckpointRef) -> None:
     assert torch.equal(_logits(loaded.model), before)
 
 
-def test_loading_in_another_dtype_converts_every_float_weight(ref: CheckpointRef) -> None:
+@pytest.mark.parametrize("chunk", [loader.CONVERT_CHUNK, 1002])
+def test_loading_in_another_dtype_converts_every_float_weight(
+    ref: CheckpointRef, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tensors larger than the conversion buffer are converted a buffer at a time (1002
+    # bytes: 250 float32 values, not a whole number of bytes, splits tensors at odd places).
+    monkeypatch.setattr(loader, "CONVERT_CHUNK", chunk)
     f32 = registry.open(ref, CPU, torch.float32).model
     bf16 = registry.open(ref, CPU, torch.bfloat16).model
     for (name, a), (_, b) in zip(f32.state_dict().items(), bf16.state_dict().items(), strict=True):
