@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 from typing import Any
 
 import pytest
@@ -121,3 +122,16 @@ def test_bad_config_and_empty_training_set_are_refused(tiny: LoadedBase) -> None
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="nothing to train"):
         finetune(_fresh(tiny), tiny.tokenizer, ["", ""], [], TrainConfig())
+
+
+def test_a_round_caps_onednn_cache_unless_the_operator_set_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.rounds.train_modes import ONEDNN_CACHE, limit_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"

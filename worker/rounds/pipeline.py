@@ -29,6 +29,7 @@ from worker.rounds.peak_rss import PeakRss
 from worker.rounds.progress import Progress, Stage, stage
 from worker.rounds.promotion import promote_candidate
 from worker.rounds.realtext import RealTextCache
+from worker.rounds.train_modes import limit_onednn_cache
 from worker.rounds.weights_file import swapped_in
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class Round:
 
 def run_round(settings: Settings, db: Database, round_id: int) -> RoundOutcome | None:
     """Claim and run one round. Returns None when another delivery owns it."""
+    limit_onednn_cache()
     if not records.claim(
         db,
         round_id,

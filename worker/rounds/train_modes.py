@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,11 +12,24 @@ import torch
 
 from core.modeling.device import cpu_has_fast_bf16
 
-__all__ = ["AUTOCAST_MODES", "autocast_context", "autocast_dtype", "checkpointing"]
+__all__ = [
+    "AUTOCAST_MODES",
+    "ONEDNN_CACHE",
+    "autocast_context",
+    "autocast_dtype",
+    "checkpointing",
+    "limit_onednn_cache",
+]
 
 log = logging.getLogger(__name__)
 
 AUTOCAST_MODES = ("auto", "bf16", "off")
+# oneDNN primitives a round's process keeps (oneDNN's default: 1024). bf16 matmuls on a CPU
+# run through oneDNN, and a round meets a new shape with almost every micro-batch and batch
+# size; each cached primitive keeps its own buffers. At 64 the bundled model's default
+# round peaked at 3045 MiB (5.93x the weights) against 3115 (6.07x), at the same speed
+# (update 66 vs 65 s, generate 37 vs 37 s; docs/benchmarks.md, "Round memory").
+ONEDNN_CACHE = 64
 
 
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -36,12 +50,24 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def limit_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
+    """Cap oneDNN's primitive cache for this process, unless ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    is set already. oneDNN reads the variable when it creates its first primitive, so this
+    takes effect only in a process that has run no oneDNN op yet: a round's own child process
+    (the Celery worker runs one round per child), never a serving one, whose decoding steps
+    were not measured with a smaller cache."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
 def autocast_context(
     device: torch.device, dtype: torch.dtype | None
 ) -> contextlib.AbstractContextManager[Any]:
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    # No cast cache: it keeps a bf16 copy of every weight until the forward's context exits,
+    # beside the float32 weights, gradients and moments (+290 MiB of update peak on the
+    # bundled model, CPU); each weight is used once per forward, so nothing is re-cast.
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
 @contextlib.contextmanager

@@ -315,6 +315,11 @@ def _finetune(
                     if kl is not None:
                         loss = loss + kl
                 loss.backward()  # type: ignore[no-untyped-call]
+                # The micro-batch's freed activations and casts go back to the system: glibc
+                # keeps them otherwise, and the next one's land elsewhere in the heap (bf16
+                # autocast on a CPU: update peak 3593 -> 3322 MiB on the bundled model).
+                if device.type == "cpu":
+                    trim()
                 epoch_nll_t += out.row_nll.double().sum()
                 del out
             if cfg.max_grad_norm > 0:
