@@ -183,6 +183,9 @@ def _lower_thread_priority(nice: int) -> None:
     # thread takes when it first runs an op: the decoding thread sets its own (batcher.py).
     torch.set_num_threads(1)
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        tid = threading.get_native_id()
+        # Never above the thread's own: a process an operator niced more stays so (root could
+        # otherwise raise the swap thread over the serving ones).
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
         log.debug("could not lower the swap thread's priority", exc_info=True)
