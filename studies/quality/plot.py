@@ -54,6 +54,10 @@ def _panel(ax: Any, data: dict[str, Any], field: str, label: str, band: Any) -> 
             if factor is not None:
                 ax.axhline(base * factor, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("round (0 = base; ● outlined = promoted that round)")
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo > 4:  # one arm far off (a collapsing loop) would flatten the rest
+        ax.set_yscale("log")
+        label += ", log scale"
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
 
