@@ -95,7 +95,7 @@ class SwapWatcher:
         while not self._stop.is_set():
             try:
                 client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
                 pubsub.subscribe(channel(self.settings.lineage))
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=1.0)
