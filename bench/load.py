@@ -66,6 +66,11 @@ class Load:
                     self.results.append(out)
                 n += 1
 
+    def answered(self, version: int, since: float) -> bool:
+        """Whether a request completed after `since` with an answer from `version`."""
+        with self._lock:
+            return any(o.version == version and o.done >= since for o in self.results)
+
     def __enter__(self) -> Load:
         self.started = time.monotonic()
         self._threads = [
@@ -122,6 +127,9 @@ def equal_window_gaps(
 
 @dataclass
 class SwapRun:
+    """One swap under load. In a series, `load_started` is where its steady segment began
+    (after the previous swap) and `stopped` the next promotion (or the load's end)."""
+
     results: list[Outcome]
     load_started: float
     promoted: float
@@ -129,6 +137,7 @@ class SwapRun:
     stopped: float
     promote_status: int
     health_after: dict[str, Any]
+    version: int = 2
 
 
 def run_swap(
@@ -142,39 +151,70 @@ def run_swap(
     swap_timeout: float = 300.0,
 ) -> SwapRun:
     """Load the server, promote ``version`` over HTTP, wait until it serves it, keep going."""
+    return run_swaps(
+        server, prompts, [version], clients, max_new_tokens, pre_s, post_s, swap_timeout
+    )[0]
+
+
+def run_swaps(
+    server: Server,
+    prompts: Sequence[str],
+    versions: Sequence[int],
+    clients: int = 8,
+    max_new_tokens: int = 8,
+    pre_s: float = 3.0,
+    post_s: float = 2.0,
+    swap_timeout: float = 300.0,
+) -> list[SwapRun]:
+    """Under one continuous load: for each of ``versions`` in turn, ``pre_s`` of steady
+    serving, promote it over HTTP, wait until the replica serves it, ``post_s`` more."""
+    marks: list[tuple[int, float, float, float, int, dict[str, Any]]] = []
     with Load(server.url, prompts, clients, max_new_tokens) as load:
-        time.sleep(pre_s)
-        promoted = time.monotonic()
-        r = httpx.post(f"{server.url}/checkpoints/{version}/promote", timeout=120)
-        if r.status_code != 200:
-            log.error("promotion answered %d: %s", r.status_code, r.text)
-        deadline = promoted + swap_timeout
-        swapped = 0.0
-        while time.monotonic() < deadline:
-            if health(server).get("serving_version") == version:
-                swapped = time.monotonic()
-                break
-            time.sleep(0.05)
-        if not swapped:
-            raise RuntimeError(f"v{version} not served after {swap_timeout:.0f}s:\n{server.tail()}")
-        time.sleep(post_s)
+        segment = load.started
+        for version in versions:
+            time.sleep(pre_s)
+            promoted = time.monotonic()
+            r = httpx.post(f"{server.url}/checkpoints/{version}/promote", timeout=120)
+            if r.status_code != 200:
+                log.error("promotion answered %d: %s", r.status_code, r.text)
+            deadline = promoted + swap_timeout
+            swapped = 0.0
+            while time.monotonic() < deadline:
+                if health(server).get("serving_version") == version:
+                    swapped = time.monotonic()
+                    break
+                time.sleep(0.05)
+            if not swapped:
+                raise RuntimeError(
+                    f"v{version} not served after {swap_timeout:.0f}s:\n{server.tail()}"
+                )
+            # The swap window ends with the first answer from the new version: wait for it,
+            # so `post_s` of steady serving follows every swap, however slow its first batch.
+            while time.monotonic() < deadline and not load.answered(version, promoted):
+                time.sleep(0.02)
+            time.sleep(post_s)
+            marks.append((version, segment, promoted, swapped, r.status_code, health(server)))
+            segment = time.monotonic()
     stopped = time.monotonic()
-    return SwapRun(
-        results=sorted(load.results, key=lambda o: o.done),
-        load_started=load.started,
-        promoted=promoted,
-        swapped=swapped,
-        stopped=stopped,
-        promote_status=r.status_code,
-        health_after=health(server),
-    )
+    results = sorted(load.results, key=lambda o: o.done)
+    ends = [m[2] for m in marks[1:]] + [stopped]
+    return [
+        SwapRun(results, seg, promoted, swapped, end, status, info, version)
+        for (version, seg, promoted, swapped, status, info), end in zip(marks, ends, strict=True)
+    ]
 
 
-def swap_summary(run: SwapRun, version: int = 2, margin_s: float = 1.0) -> dict[str, Any]:
-    """Requests, failures, largest gap between completions around the swap and before it."""
-    res = run.results
+def swap_summary(run: SwapRun, margin_s: float = 1.0) -> dict[str, Any]:
+    """Requests, failures, largest gap between completions around the swap and before it.
+
+    Counts only the requests that finished inside the run's own segment
+    (``load_started`` → ``stopped``), so each swap of a series reads its own."""
+    version = run.version
+    res = [o for o in run.results if run.load_started <= o.done <= run.stopped]
     failed = [o for o in res if o.status != 200]
-    first_new = min((o.done for o in res if o.version == version), default=0.0)
+    first_new = min(
+        (o.done for o in res if o.version == version and o.done >= run.promoted), default=0.0
+    )
     # The swap window: from the promotion until the replica serves v2 and a v2 answer is out.
     end = max(run.swapped, first_new)
     done = [o.done for o in res]
@@ -189,6 +229,7 @@ def swap_summary(run: SwapRun, version: int = 2, margin_s: float = 1.0) -> dict[
     elapsed = run.stopped - run.load_started
     details = run.health_after.get("details", {})
     return {
+        "version": version,
         "requests": len(res),
         "failed": len(failed),
         "failed_statuses": sorted({o.status for o in failed}),

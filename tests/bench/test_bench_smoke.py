@@ -228,6 +228,24 @@ def test_swap_smoke(tmp_path: Path, store: list[str]) -> None:
     assert data["requests_after_swap_on_old_version"] == 0
 
 
+def test_swap_series_smoke(tmp_path: Path, store: list[str]) -> None:
+    """Three swaps under one load (v2, back to v1, v2 again): each read in its own segment."""
+    out = tmp_path / "swaps.json"
+    data = _load(out, swap.main([*SWAP_ARGS, *store, "--swaps", "3", "--out", str(out)]))
+    swaps = data["swaps"]
+    assert [s["version"] for s in swaps] == [2, 1, 2]
+    for s in swaps:
+        assert s["failed"] == 0 and s["promote_status"] == 200
+        # the old version before the swap, the new after
+        assert s["versions_seen"] == [1, 2], swaps
+        assert s["requests_after_swap_on_old_version"] == 0
+        _positive(s, "requests", "largest_gap_ms", "promote_to_first_v2_response_ms")
+    series = data["series"]
+    assert series["swaps"] == 3 and series["failed"] == 0
+    assert series["requests"] == sum(s["requests"] for s in swaps)
+    _positive(series, "median_swap_gap_ms", "max_swap_gap_ms")
+
+
 def test_memory_smoke(tmp_path: Path, store: list[str]) -> None:
     out = tmp_path / "memory.json"
     argv = [*SWAP_ARGS, *store, "--steady-s", "1", "--out", str(out)]
