@@ -79,7 +79,7 @@ class SwapWatcher:
 
     # -- threads ---------------------------------------------------------------------
     def _poll_loop(self) -> None:
-        _lower_thread_priority(self.settings.swap_nice)
+        lower_thread_priority(self.settings.swap_nice)
         while not self._stop.is_set():
             try:
                 self.check()
@@ -167,8 +167,9 @@ class SwapWatcher:
         log.info("swapped to v%d in %.2fs", target.version, self.last_swap_seconds)
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Let the serving threads win the CPU while this thread verifies and loads.
+def lower_thread_priority(nice: int) -> None:
+    """Let the serving threads win the CPU while this thread verifies and loads (the swap
+    watcher's thread; a manual promotion's verification, app/routes/checkpoints.py).
 
     On Linux scheduling is per thread: nice 19 (`SELFLM_SWAP_NICE`'s default) gives this
     one ~1.5% of a contended CPU

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -12,6 +13,7 @@ from app.auth import require_api_key
 from app.errors import ApiError
 from app.schemas import DB_INT_MAX
 from app.state import AppState, get_state
+from app.swap import lower_thread_priority
 from core import registry
 from core.report import build_report
 
@@ -26,14 +28,24 @@ async def list_checkpoints(state: Annotated[AppState, Depends(get_state)]) -> di
 
 def _promote(state: AppState, version: int) -> dict[str, Any]:
     lineage = state.settings.lineage
+    # The promotion re-hashes the checkpoint's files (hundreds of MB): in a thread at the
+    # swap's niceness, so a manual promotion or rollback does not slow the batches being
+    # decoded beside it (at normal priority it took a core from them, docs/benchmarks.md).
+    verifier = ThreadPoolExecutor(
+        1, "promote", initializer=lower_thread_priority, initargs=(state.settings.swap_nice,)
+    )
     try:
-        registry.promote(state.db, lineage, version, redis_url=state.settings.redis_url)
+        verifier.submit(
+            registry.promote, state.db, lineage, version, redis_url=state.settings.redis_url
+        ).result()
     except registry.CheckpointNotFoundError as e:
         raise ApiError(404, str(e)) from e
     except registry.PromotionConflict as e:
         raise ApiError(409, str(e), "conflict") from e
     except registry.CheckpointError as e:
         raise ApiError(409, f"checkpoint v{version} failed verification: {e}", "conflict") from e
+    finally:
+        verifier.shutdown()
     watcher = state.extras.get("watcher")
     if watcher is not None:
         watcher.poke()
