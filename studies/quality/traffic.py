@@ -80,9 +80,13 @@ def _free_port() -> int:
 
 
 def _server_env(settings: Any) -> dict[str, str]:
+    from worker.rounds.train_modes import round_only_env
+
     env = dict(os.environ)
     for key in [k for k in env if k.startswith("SELFLM_")]:
         del env[key]  # only the arm's store, nothing from the caller's deployment
+    for key in round_only_env():
+        del env[key]  # the earlier rounds' oneDNN cache cap is theirs, not serving's
     env.update(
         SELFLM_DATABASE_URL=settings.database_url,
         SELFLM_CHECKPOINT_DIR=str(settings.checkpoint_dir),

@@ -50,13 +50,25 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+_CACHE_SET_HERE: list[str] = []  # the variables limit_onednn_cache set in this process
+
+
 def limit_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
     """Cap oneDNN's primitive cache for this process, unless ONEDNN_PRIMITIVE_CACHE_CAPACITY
     is set already. oneDNN reads the variable when it creates its first primitive, so this
     takes effect only in a process that has run no oneDNN op yet: a round's own child process
     (the Celery worker runs one round per child), never a serving one, whose decoding steps
     were not measured with a smaller cache."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+    if ONEDNN_CACHE_ENV not in os.environ:
+        os.environ[ONEDNN_CACHE_ENV] = str(capacity)
+        _CACHE_SET_HERE.append(ONEDNN_CACHE_ENV)
+
+
+def round_only_env() -> list[str]:
+    """Environment variables a round set in this process that a serving process it starts
+    must not inherit (the operator's own settings are not among them)."""
+    return [k for k in dict.fromkeys(_CACHE_SET_HERE) if os.environ.get(k) == str(ONEDNN_CACHE)]
 
 
 def autocast_context(
