@@ -14,7 +14,14 @@ from typing import Any
 # cut the KL to the base by 2 %, weight 50 by 43 % (tests/rounds/test_anchor.py), so 10.
 KL_ANCHOR = 10.0
 
-# Arms: RoundParams overrides on top of the current defaults (so `selflm` is "the defaults").
+# What the study's arms sit on: the round defaults as they were when it began (sessions 6–9),
+# so an arm means the same thing in every session. The round default's selection strategy
+# has been `difficulty` since session 10 (the `difficulty` arm); `selflm` is the earlier
+# defaults, with `diversity` selection.
+STUDY_BASE: dict[str, Any] = {"strategy": "diversity"}
+DEFAULT_ARM = "difficulty"  # the arm that runs the current round defaults
+
+# Arms: RoundParams overrides on top of STUDY_BASE and the defaults.
 ARMS: dict[str, dict[str, Any]] = {
     # The reference article's loop: random selection, no filters, no replay, no meta-step,
     # promote when perplexity on the round's own generated valid split improves at all; the
@@ -143,7 +150,7 @@ def arm_params(
             f"arm {arm!r} needs round parameters {missing} that this build does not have "
             "(they come with the round-parameter branch 'roundq')"
         )
-    values: dict[str, Any] = {**common}
+    values: dict[str, Any] = {**STUDY_BASE, **common}
     if small:
         values.update(SMALL_ROUND)
     values.update(ARMS[arm])

@@ -19,7 +19,7 @@ BASELINE_ARM = "real_only"  # the target arm must beat it on test at the same re
 
 ARM_NOTES = {
     "reference": "the reference article's loop (see below)",
-    "selflm": "the round defaults",
+    "selflm": "the round defaults until session 10 (diversity selection)",
     "real_only": "update on real replay text only, as many real tokens as selflm used",
     "real_only_matched": "update on real replay text only, as many tokens as selflm trains on",
     "served": "prompts from recorded POST /generate traffic (a fixed question stream)",
@@ -29,8 +29,8 @@ ARM_NOTES = {
     "no_filters": "defaults without the degenerate/duplicate filters",
     "no_meta_step": "defaults with ε fixed at 1 (no interpolation)",
     "random": "defaults with random selection",
-    "diversity": "defaults with diversity selection",
-    "difficulty": "defaults with difficulty selection",
+    "diversity": "defaults with diversity selection (as selflm)",
+    "difficulty": "selflm with difficulty selection: the round defaults since session 10",
 }
 
 

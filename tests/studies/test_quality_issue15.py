@@ -202,7 +202,7 @@ def test_report_targets_use_probe_noise_baseline_and_replayed_decisions(tmp_path
     assert quality_report.summaries_of(data, noise)["real_only"].decisions_mismatched == []
     # The plain answer, and the plot with both panels' data beside the report.
     assert "## Did self-generated data help?" in text
-    assert "| real_only | 2 | 18.000 | 17.500 | +2.86% | **no** |" in text
+    assert "| selflm | real_only | 2 | 18.000 | 17.500 | +2.86% | **no** |" in text
     assert report.with_name("quality_rounds.png").read_bytes()[:4] == b"\x89PNG"
 
     # Without a noise file measured on this probe the repetition target falls back to 5%.
