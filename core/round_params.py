@@ -43,8 +43,8 @@ class RoundParams(BaseModel):
     top_p: float = Field(default=0.95, gt=0, le=1)
     generate_batch_size: int = Field(default=16, ge=1, le=256)
     # select
-    # `difficulty` since issue 15's 8 rounds on pydoc: the same plateau as `diversity` on the
-    # test split (−10.2 % vs −11.5 %) at half its distinct-2 drift (docs/quality.md).
+    # `difficulty` since issue 15's 8 rounds on pydoc: test split −15.8 % against
+    # `diversity`'s −11.5 %, distinct-2 −9.8 % against −16.1 % (docs/quality.md).
     strategy: Literal["random", "diversity", "difficulty"] = "difficulty"
     filters: bool = True
     min_words: int = Field(default=8, ge=1)

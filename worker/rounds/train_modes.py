@@ -51,7 +51,7 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-_CACHE_SET_HERE: list[str] = []  # the variables limit_onednn_cache set in this process
+_CACHE_SET_HERE: dict[str, str] = {}  # what limit_onednn_cache set in this process
 
 
 def limit_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
@@ -62,13 +62,13 @@ def limit_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
     were not measured with a smaller cache."""
     if ONEDNN_CACHE_ENV not in os.environ:
         os.environ[ONEDNN_CACHE_ENV] = str(capacity)
-        _CACHE_SET_HERE.append(ONEDNN_CACHE_ENV)
+        _CACHE_SET_HERE[ONEDNN_CACHE_ENV] = str(capacity)
 
 
 def round_only_env() -> list[str]:
     """Environment variables a round set in this process that a serving process it starts
     must not inherit (the operator's own settings are not among them)."""
-    return [k for k in dict.fromkeys(_CACHE_SET_HERE) if os.environ.get(k) == str(ONEDNN_CACHE)]
+    return [k for k, v in _CACHE_SET_HERE.items() if os.environ.get(k) == v]
 
 
 def autocast_context(
