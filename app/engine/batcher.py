@@ -251,8 +251,15 @@ class Batcher:
             return
         try:
             running = [(cur, self._start(cur, batch))]
+            # Only `running` holds the model from here: after a swap, the old model is freed
+            # when its rows drain, not when the new model's batch ends (under steady load
+            # that batch may never end, and the old weights would stay resident).
+            del cur
             while running:
+                before = len(running)
                 running = [(c, d) for c, d in running if d.step()]
+                if running and len(running) < before:
+                    trim()  # a drained old model's memory goes back beside the new batch
                 self._overlap(running)
         except Exception as e:  # a failed batch fails its requests, not the thread
             log.exception("batch of %d failed", len(self.in_flight))
