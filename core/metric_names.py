@@ -31,6 +31,7 @@ MEMORY: Final = "peak_rss_bytes"
 # --------------------------------------------------------------------------- data
 
 TRAIN_DOCS: Final = "train_docs"
+TRAIN_PASSAGES: Final = "train_passages"  # the pool prompts and replay are drawn from
 DEV_DOCS: Final = "dev_docs"
 TEST_DOCS: Final = "test_docs"
 DEV_PASSAGES: Final = "dev_passages"

@@ -88,6 +88,10 @@ class RoundParams(BaseModel):
     # Weight of a KL term to the lineage's base (v1) on the replay rows (worker/rounds/anchor.py)
     kl_anchor: float = Field(default=0.0, ge=0, le=100)
     kl_anchor_top_k: int = Field(default=64, ge=1, le=1024)  # base log-probs kept per position
+    # The real text a round draws prompts and replay from: a fixed sample (seeded, the same in
+    # every round of a lineage) of this many train-split passages — the little real text a
+    # team may have. None: the whole train split. The gate's probe keeps the whole split.
+    train_passages: int | None = Field(default=None, ge=1, le=100_000)
     # evaluate
     corpus: str | None = Field(
         default=None,

@@ -12,6 +12,7 @@ from worker.rounds.data import (
     load_documents,
     passages,
     prompts_from,
+    real_pool,
     split_corpus,
 )
 
@@ -205,3 +206,14 @@ def test_prompts_reuse_passages_evenly_when_too_few() -> None:
         prompts_from([], 1, random.Random(0))
     with pytest.raises(ValueError):
         prompts_from(docs, 1, random.Random(0), min_words=5, max_words=4)
+
+
+def test_real_pool_is_a_fixed_sample_in_document_order() -> None:
+    docs = [" ".join(f"d{d}w{i}" for i in range(40)) + "." for d in range(30)]
+    every = passages(docs)
+    assert real_pool(docs, None) == every == real_pool(docs, len(every) + 5)
+    few = real_pool(docs, 5)
+    assert len(few) == 5 and len(set(few)) == 5
+    assert few == real_pool(docs, 5)  # the same pool every call (a lineage's every round)
+    assert [every.index(x) for x in few] == sorted(every.index(x) for x in few)
+    assert few != every[:5]  # sampled over the whole split, not its first documents

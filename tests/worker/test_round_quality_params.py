@@ -73,6 +73,8 @@ def _run(env: tuple[TestClient, Settings, Database], params: dict[str, Any]) -> 
         {"real_diversity_tolerance": -0.01},
         {"real_diversity_tolerance": 1.5},
         {"diversity_prompts": 0},
+        {"train_passages": 0},
+        {"train_passages": "few"},
     ],
 )
 def test_out_of_range_quality_params_get_422(env: Any, bad: dict[str, Any]) -> None:
@@ -106,6 +108,46 @@ def test_each_train_data_mode_trains_on_its_own_budget(env: Any) -> None:
     assert matched["real_tokens"] == mixed["real_tokens"] + mixed["synthetic_tokens"]
     # What was trained follows the budgets (predicted tokens: one fewer than ids per row).
     assert real["tokens_trained"] < mixed["tokens_trained"] <= matched["tokens_trained"]
+
+
+def test_train_passages_limits_the_prompts_and_real_text_to_a_fixed_pool(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.rounds import stages
+    from worker.rounds.data import load_corpus, passages, real_pool
+
+    seen: dict[str, list[Any]] = {"prompts": [], "pools": [], "rows": []}
+    round_prompts, build = stages.round_prompts, stages.build_train_data
+
+    def spy_prompts(*args: Any) -> list[str]:
+        got = round_prompts(*args)
+        seen["prompts"].append(got)
+        return got
+
+    def spy_build(mode: Any, pool: list[str], tok: Any, *rest: Any) -> Any:
+        seen["pools"].append(list(pool))
+        data = build(mode, pool, tok, *rest)
+        seen["rows"].append([tok.decode(r, skip_special_tokens=True) for r in data.rows])
+        return data
+
+    monkeypatch.setattr(stages, "round_prompts", spy_prompts)
+    monkeypatch.setattr(stages, "build_train_data", spy_build)
+    pool = real_pool(load_corpus(None).train, 2)
+    assert len(pool) == 2 and set(pool) <= set(passages(load_corpus(None).train))
+    for seed in (1, 2):  # the same pool in every round, whatever the round's seed
+        body = _run(env, {**SMALL, "seed": seed, "train_data": "real_only_matched",
+                          "train_passages": 2})  # fmt: skip
+        assert body["metrics"]["data"]["train_passages"] == 2
+    assert seen["pools"] == [pool, pool]
+    # Every prompt opens one of the two passages; every real row is cut from one of them
+    # (rows are reused in further passes when the budget exceeds the pool).
+    for prompts in seen["prompts"]:
+        assert len(prompts) == SMALL["num_prompts"]
+        assert all(any(p.startswith(x) for p in pool) for x in prompts)
+    for rows in seen["rows"]:
+        assert rows and all(any(r.strip()[:40] in p for p in pool) for r in rows)
+    whole = _run(env, SMALL)["metrics"]["data"]
+    assert whole["train_passages"] == len(passages(load_corpus(None).train)) > 100
 
 
 def test_kl_anchor_loads_the_lineage_base_and_records_its_kl(env: Any) -> None:

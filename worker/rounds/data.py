@@ -30,6 +30,7 @@ __all__ = [
     "load_prompt_file",
     "passages",
     "prompts_from",
+    "real_pool",
     "split_corpus",
 ]
 
@@ -41,6 +42,9 @@ PYDOC_MIN_CHARS = 200
 # the same held-out text everywhere.
 SPLIT_SEED = 1234
 EVAL_SAMPLE_SEED = 4321
+# `train_passages`' sample of the train split: one seed for every round, so a lineage's rounds
+# all see the same (small) real text.
+POOL_SEED = 2468
 _DIR_SUFFIXES = (".txt", ".md")
 
 # A document separator in a plain text file: a line holding only a form feed, or a run of
@@ -320,3 +324,13 @@ def eval_sample(docs: Sequence[str], n: int, max_words: int = 160) -> list[str]:
     if len(pool) <= n:
         return pool
     return random.Random(EVAL_SAMPLE_SEED).sample(pool, n)
+
+
+def real_pool(train_docs: Sequence[str], n: int | None) -> list[str]:
+    """The train-split passages a round draws prompts and replay text from: all of them, or
+    a fixed seeded sample of ``n`` (kept in document order) when ``n`` is smaller."""
+    pool = passages(train_docs)
+    if n is None or n >= len(pool):
+        return pool
+    keep = sorted(random.Random(POOL_SEED).sample(range(len(pool)), n))
+    return [pool[i] for i in keep]

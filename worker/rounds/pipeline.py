@@ -72,7 +72,7 @@ class Round:
         model, tok = ready.model, ready.tokenizer
 
         with self.stage(mn.GENERATE) as st:
-            prompts = stages.round_prompts(self.db, settings, p, ready.corpus, self.rng)
+            prompts = stages.round_prompts(self.db, settings, p, ready.pool, self.rng)
             gen = st.result(stages.generate(model, tok, prompts, p, st.tick))
 
         with self.stage(mn.SELECT) as st:
@@ -84,7 +84,7 @@ class Round:
                 stages.update(
                     model,
                     tok,
-                    ready.corpus,
+                    ready.pool,
                     sel,
                     p,
                     self.rng,

@@ -34,8 +34,8 @@ from worker.rounds.data import (
     eval_sample,
     load_corpus,
     load_prompt_file,
-    passages,
     prompts_from,
+    real_pool,
 )
 from worker.rounds.evaluate import encode_texts, per_sample_loss
 from worker.rounds.generate import GenerateResult, generate_samples
@@ -66,7 +66,9 @@ GRADIENT_CHECKPOINTING = True
 @dataclass(frozen=True)
 class Prepared:
     """The champion loaded in float32 (training autocasts where that is fast), the corpus,
-    and the held-out sets tokenised once: every perplexity of the round scores these ids.
+    the real text the round draws prompts and replay from (``pool``: train-split passages,
+    all or ``train_passages`` of them) and the held-out sets tokenised once: every
+    perplexity of the round scores these ids.
 
     ``model`` is the round's one model: the update fine-tunes it in place. ``parent`` gives
     the champion's weights back afterwards, read from its verified files."""
@@ -75,6 +77,7 @@ class Prepared:
     model: Any
     tokenizer: Any
     corpus: Corpus
+    pool: list[str]
     dev: Ids
     test: Ids
     parent: Mapping[str, torch.Tensor]
@@ -82,6 +85,7 @@ class Prepared:
     def metrics(self) -> dict[str, float]:
         return {
             mn.TRAIN_DOCS: len(self.corpus.train),
+            mn.TRAIN_PASSAGES: len(self.pool),
             mn.DEV_DOCS: len(self.corpus.dev),
             mn.TEST_DOCS: len(self.corpus.test),
             mn.DEV_PASSAGES: len(self.dev),
@@ -121,6 +125,7 @@ def prepare(champion: CheckpointRef, settings: Settings, p: RoundParams) -> Prep
         model=loaded.model,
         tokenizer=tok,
         corpus=corpus,
+        pool=real_pool(corpus.train, p.train_passages),
         dev=encode_texts(tok, eval_sample(corpus.dev, p.eval_passages)),
         test=encode_texts(tok, eval_sample(corpus.test, p.eval_passages)),
         parent=parent,
@@ -128,9 +133,10 @@ def prepare(champion: CheckpointRef, settings: Settings, p: RoundParams) -> Prep
 
 
 def round_prompts(
-    db: Database, settings: Settings, p: RoundParams, corpus: Corpus, rng: random.Random
+    db: Database, settings: Settings, p: RoundParams, pool: list[str], rng: random.Random
 ) -> list[str]:
-    """The prompts the round samples from: given, from a file, served, or the corpus."""
+    """The prompts the round samples from: given, from a file, served, or openings of the
+    corpus passages in ``pool`` (:attr:`Prepared.pool`)."""
     if p.prompts:
         return [x for x in p.prompts if x.strip()]
     if p.prompt_source == "file":
@@ -143,7 +149,7 @@ def round_prompts(
         if served:
             return served
         log.info("no served prompts recorded; using the corpus")
-    return prompts_from(corpus.train, p.num_prompts, rng)
+    return prompts_from(pool, p.num_prompts, rng)
 
 
 # --------------------------------------------------------------------------- generate
@@ -306,7 +312,7 @@ def epoch_metrics(e: EpochStats) -> dict[str, float]:
 def update(
     model: Any,
     tok: Any,
-    corpus: Corpus,
+    pool: list[str],
     sel: Selection,
     p: RoundParams,
     rng: random.Random,
@@ -317,14 +323,14 @@ def update(
     anchor_base: Callable[[], tuple[Any, int, bool]] | None = None,
 ) -> Update:
     """Fine-tune the champion's model in place on what ``p.train_data`` names
-    (:mod:`.traindata`; ``parent`` keeps the champion's weights); progress in optimizer steps
-    of the planned total, with the epoch's running train loss. The best epoch's weights wait
-    in ``spill_dir``. A LoRA round trains an adapter injected into the model and merges it
-    (:mod:`.lora`): the candidate is the same plain model. With ``p.kl_anchor > 0``,
-    ``anchor_base()`` gives the lineage base (:mod:`.anchor`)."""
+    (:mod:`.traindata`, real text from ``pool``; ``parent`` keeps the champion's weights);
+    progress in optimizer steps of the planned total, with the epoch's running train loss.
+    The best epoch's weights wait in ``spill_dir``. A LoRA round trains an adapter injected
+    into the model and merges it (:mod:`.lora`): the candidate is the same plain model. With
+    ``p.kl_anchor > 0``, ``anchor_base()`` gives the lineage base (:mod:`.anchor`)."""
     data = build_train_data(
         p.train_data,
-        passages(corpus.train),
+        pool,
         tok,
         sel.train,
         sel.prompt_tokens,
