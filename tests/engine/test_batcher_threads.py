@@ -8,8 +8,10 @@ on one core."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
@@ -88,3 +90,51 @@ def test_after_a_swap_new_requests_start_beside_the_draining_batch() -> None:
     finally:
         batcher.close()
     assert finished == [2, 1]
+
+
+def test_after_a_swap_the_old_model_is_freed_while_the_new_batch_keeps_running() -> None:
+    """Under steady load the new model's continuous batch never ends; the old model must be
+    freed when its own rows drain, not when that batch ends (it stayed resident: ~256 MiB of
+    bf16 weights on the bundled model, docs/benchmarks.md)."""
+    v1, v2 = _loaded(1), _loaded(2)
+    old_model = weakref.ref(v1.model)
+    serving = [v1]
+    batcher = Batcher(Settings(redis_url=None), lambda: serving[0], 8)
+    stop = threading.Event()
+    fed: list[Pending] = []
+
+    def feed() -> None:  # steady load on the new model: always two rows in flight
+        while not stop.is_set():
+            if sum(not p.future.done() for p in fed) < 2:
+                p = Pending(Row([1, 2, 3], SamplingParams(120)), Future(), time.monotonic())
+                fed.append(p)
+                batcher.queue.put(p)
+            time.sleep(0.005)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        long_row = Row([1, 2, 3], SamplingParams(40))
+        old: Future[Any] = Future()
+        batcher.queue.put(Pending(long_row, old, time.monotonic()))
+        deadline = time.monotonic() + 30
+        while len(long_row.generated) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(long_row.generated) >= 3 and not old.done(), "no old batch to drain"
+        serving[0] = v2  # the swap; nothing outside the batcher holds v1 any more
+        del v1
+        feeder.start()
+        assert old.result(timeout=60).model_version == 1
+        batches = batcher.batches  # the old batch and the new model's one
+        deadline = time.monotonic() + 30
+        while old_model() is not None and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.02)
+        assert old_model() is None, "the old model stayed resident beside the new batch"
+        # ...while the new model's batch was still running: no batch ended and restarted.
+        assert batcher.batches == batches and batcher.in_flight
+        assert all(p.future.result(timeout=60).model_version == 2 for p in fed[:2])
+    finally:
+        stop.set()
+        for p in fed:
+            p.row.cancelled = True
+        batcher.close()
