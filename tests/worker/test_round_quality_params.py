@@ -113,11 +113,11 @@ def test_each_train_data_mode_trains_on_its_own_budget(env: Any) -> None:
 def test_train_passages_limits_the_prompts_and_real_text_to_a_fixed_pool(
     env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.rounds import stages
+    from worker.rounds import stages, traindata
     from worker.rounds.data import load_corpus, passages, real_pool
 
     seen: dict[str, list[Any]] = {"prompts": [], "pools": [], "rows": []}
-    round_prompts, build = stages.round_prompts, stages.build_train_data
+    round_prompts, build = stages.round_prompts, traindata.build_train_data
 
     def spy_prompts(*args: Any) -> list[str]:
         got = round_prompts(*args)
