@@ -14,7 +14,7 @@ from worker.rounds.train_modes import limit_onednn_cache
 def test_a_server_the_study_starts_does_not_inherit_the_rounds_cache_cap(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The served arm's replay server is a serving process: oneDNN's default cache there."""
+    """The served arm's replay server is a serving process: it sets its own cache cap."""
     store = SimpleNamespace(
         database_url="sqlite://",
         checkpoint_dir=tmp_path,

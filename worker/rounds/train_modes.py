@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from core.modeling import onednn
 from core.modeling.device import cpu_has_fast_bf16
 
 __all__ = [
@@ -50,25 +50,17 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-_CACHE_SET_HERE: dict[str, str] = {}  # what limit_onednn_cache set in this process
-
-
 def limit_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
-    """Cap oneDNN's primitive cache for this process, unless ONEDNN_PRIMITIVE_CACHE_CAPACITY
-    is set already. oneDNN reads the variable when it creates its first primitive, so this
-    takes effect only in a process that has run no oneDNN op yet: a round's own child process
-    (the Celery worker runs one round per child), never a serving one, whose decoding steps
-    were not measured with a smaller cache."""
-    if ONEDNN_CACHE_ENV not in os.environ:
-        os.environ[ONEDNN_CACHE_ENV] = str(capacity)
-        _CACHE_SET_HERE[ONEDNN_CACHE_ENV] = str(capacity)
+    """Cap oneDNN's primitive cache in a round's process (:mod:`core.modeling.onednn`): the
+    Celery worker runs each round in its own child, which has run no oneDNN op yet."""
+    onednn.limit_onednn_cache(capacity)
 
 
 def round_only_env() -> list[str]:
     """Environment variables a round set in this process that a serving process it starts
-    must not inherit (the operator's own settings are not among them)."""
-    return [k for k, v in _CACHE_SET_HERE.items() if os.environ.get(k) == v]
+    must not inherit (the operator's own settings are not among them): the server sets its
+    own cap (``selflm serve``)."""
+    return onednn.set_here()
 
 
 def autocast_context(
