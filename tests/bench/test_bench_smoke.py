@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # `bench` lives in the checkout, not in the insta
 
 import pytest  # noqa: E402
 
-from bench import memory, serve, swap, update_memory  # noqa: E402
+from bench import memory, onednn_cache, serve, swap, update_memory  # noqa: E402
 from bench import round as round_bench  # noqa: E402
 
 TINY = ["--model", "tiny:llama"]
@@ -255,3 +255,12 @@ def test_memory_smoke(tmp_path: Path, store: list[str]) -> None:
         _positive(data[phase], "peak_rss_bytes", "samples", "ratio_to_weights")
         assert data[phase]["failed"] == 0
     assert data["swap"]["peak_rss_bytes"] >= data["idle_rss_bytes"] * 0.9
+
+
+def test_onednn_cache_smoke(tmp_path: Path, store: list[str]) -> None:
+    out = tmp_path / "onednn.json"
+    argv = [*TINY, *store, "--shapes", "3", "--caps", "1024,8", "--out", str(out)]
+    data = _load(out, onednn_cache.main(argv))
+    assert [r["capacity"] for r in data["results"]] == [1024, 8]  # each in its own process
+    for r in data["results"]:
+        _positive(r, "before_bytes", "after_bytes", "seconds")
