@@ -27,10 +27,14 @@ def test_serve_sets_the_cache_cap_before_the_app_starts(
 ) -> None:
     import uvicorn
 
+    from core.modeling import onednn
+
+    # setenv first, so monkeypatch restores the variable's original state (cmd_serve sets it
+    # in this process's environment) and the record of what was set here.
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, operator or "")
     if operator is None:
-        monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
-    else:
-        monkeypatch.setenv(ONEDNN_CACHE_ENV, operator)
+        monkeypatch.delenv(ONEDNN_CACHE_ENV)
+    monkeypatch.setattr(onednn, "_SET_HERE", {})
     seen: dict[str, Any] = {}
 
     def run(app: Any, **kwargs: Any) -> None:  # instead of serving: what the server would see
