@@ -92,8 +92,9 @@ def test_round_memory_metrics_and_numbers_match_the_in_ram_round(
     # The champion's numbers are float32 scoring: equal to rounding. The candidate's went
     # through bf16-autocast training where the CPU has it, and the chunked head's weight
     # gradient is summed in float32 where the full-logits one is rounded to bf16 once: they
-    # agree to bf16 noise (a few 1e-4 after two epochs at lr 3e-3).
-    rel = 1e-3 if cpu_has_fast_bf16() else 1e-5
+    # agree to bf16 noise: a few 1e-4 after two epochs at lr 3e-3 on an AMX CPU, 1.6e-3 on an
+    # AVX512-BF16 one without AMX (AMD EPYC, session 11; the same at the commit before it).
+    rel = 5e-3 if cpu_has_fast_bf16() else 1e-5
     for stage, names, tol in (
         (mn.EVALUATE, [mn.ppl("champion", s) for s in ("valid", "dev", "test")], 1e-5),
         (mn.EVALUATE, [mn.ppl("candidate", s) for s in ("valid", "dev", "test")], rel),
