@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.report import md_table, run_info, setup_logging, write_json
+from bench.rss import proc_status
 from bench.state import prepare_state, workdir_for
 from core.modeling.onednn import ONEDNN_CACHE_ENV
 
@@ -34,11 +35,7 @@ MIB = 1024 * 1024
 
 
 def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status(os.getpid()).get("RssAnon", 0)
 
 
 def child(path: str, shapes: int, dtype: str) -> dict[str, Any]:
