@@ -102,6 +102,10 @@ class RoundParams(BaseModel):
     eval_passages: int = Field(default=32, ge=1, le=5000)
     # 128: the probe's seed noise (bench/probe_noise.py) must sit under the tolerances
     diversity_prompts: int = Field(default=128, ge=1, le=256)
+    # "fixed": the same prompts and sampling seed every round (its numbers cached per
+    # checkpoint); "per_round": drawn from the round's seed, so no lineage passes one fixed
+    # probe round after round (the parent and base are measured again each round)
+    diversity_probe: Literal["fixed", "per_round"] = "fixed"
     # meta-step and decide
     meta_step: bool = True
     epsilon_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)

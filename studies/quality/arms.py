@@ -53,6 +53,10 @@ ARMS: dict[str, dict[str, Any]] = {
     # ablation. `kl_anchor`: the defaults plus the KL anchor to the lineage base.
     "old_gate": {"diversity_prompts": 24, "real_diversity_tolerance": 1.0},
     "kl_anchor": {"kl_anchor": KL_ANCHOR},
+    # The round defaults (difficulty) with a gate probe drawn afresh each round: sessions 10
+    # and 11 saw the fixed 128-prompt probe pass candidates the study's own prompts read as
+    # drifted (selection on the probe); a per-round probe cannot be selected on twice.
+    "per_round_probe": {"strategy": "difficulty", "diversity_probe": "per_round"},
     "no_replay": {"replay_fraction": 0.0},
     "no_filters": {"filters": False},
     "no_meta_step": {"meta_step": False},
@@ -69,6 +73,7 @@ DEFAULT_ARMS = (
     "served",
     "old_gate",
     "kl_anchor",
+    "per_round_probe",
     "no_replay",
     "no_filters",
     "no_meta_step",

@@ -7,7 +7,7 @@ import pytest
 
 from core.modeling.loader import tiny_model
 from worker.rounds.decide import DiversityCheck, decide
-from worker.rounds.diversity_gate import DiversityCache, Probe, weights_key
+from worker.rounds.diversity_gate import SAMPLE_SEED, DiversityCache, Probe, weights_key
 from worker.rounds.textstats import DiversityStats
 
 BASE = DiversityStats(distinct_1=0.3, distinct_2=0.75, repetition_rate=0.06)
@@ -87,3 +87,20 @@ def test_probe_is_fixed_and_cache_is_keyed_by_weights(tmp_path: Path) -> None:
     assert set(on_disk) == {f"{weights_key(m1)}:{a.key()}", f"{weights_key(m2)}:{a.key()}"}
     (tmp_path / "default" / "diversity.json").write_text("{not json")
     assert cache.get(m1, a) is None  # a damaged cache is re-measured, not an error
+
+
+def test_a_per_round_probe_is_the_rounds_own_and_reproducible() -> None:
+    train = [f"Document {i} about the for statement and loops in Python." for i in range(40)]
+    fixed = Probe.from_train(train, 4, 6, 0.8, 0.95, 4)
+    one = Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=1)
+    assert one == Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=1)
+    two = Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=2)
+    assert (
+        fixed.sample_seed == SAMPLE_SEED
+        and fixed.prompts == Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=None).prompts
+    )
+    assert len({fixed.sample_seed, one.sample_seed, two.sample_seed}) == 3
+    assert len({fixed.prompts, one.prompts, two.prompts}) == 3
+    assert len({fixed.key(), one.key(), two.key()}) == 3
+    # Round seed 0 is a round's own probe too, not the fixed one.
+    assert Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=0).key() != fixed.key()

@@ -75,6 +75,7 @@ def _run(env: tuple[TestClient, Settings, Database], params: dict[str, Any]) -> 
         {"diversity_prompts": 0},
         {"train_passages": 0},
         {"train_passages": "few"},
+        {"diversity_probe": "rotating"},
     ],
 )
 def test_out_of_range_quality_params_get_422(env: Any, bad: dict[str, Any]) -> None:
@@ -188,3 +189,32 @@ def test_real_text_diversity_is_measured_once_and_recorded(env: Any) -> None:
     ev2 = _run(env, SMALL)["metrics"]["evaluate"]
     assert ev2["real_distinct_2"] == ev["real_distinct_2"]
     assert json.loads(cache.read_text()) == entries
+
+
+def test_a_per_round_probe_measures_parent_and_base_on_the_rounds_own_prompts(env: Any) -> None:
+    from worker.rounds.data import load_corpus
+    from worker.rounds.diversity_gate import CACHE_FILE, Probe
+
+    _, settings, _ = env
+    cache = Path(settings.checkpoint_dir, settings.lineage, CACHE_FILE)
+
+    def probe_key(round_seed: int | None) -> str:
+        p = RoundParams(**SMALL)
+        return Probe.from_train(
+            load_corpus(None).train, p.diversity_prompts, p.max_new_tokens, p.temperature,
+            p.top_p, p.generate_batch_size, round_seed=round_seed,
+        ).key()  # fmt: skip
+
+    def probes_in_cache() -> set[str]:
+        return {k.split(":")[1] for k in json.loads(cache.read_text())} if cache.exists() else set()
+
+    _run(env, {**SMALL, "seed": 11})
+    fixed = probes_in_cache()
+    assert probe_key(None) in fixed  # the default: one probe, whatever the seed
+    for seed in (11, 12):
+        body = _run(env, {**SMALL, "seed": seed, "diversity_probe": "per_round"})
+        assert body["params"]["diversity_probe"] == "per_round"
+        assert 0 <= body["metrics"]["evaluate"]["champion_distinct_2"] <= 1
+        # The parent (and base) were measured again on this round's own probe.
+        assert probe_key(seed) in probes_in_cache() - fixed
+    assert len({probe_key(None), probe_key(11), probe_key(12)}) == 3

@@ -1,8 +1,11 @@
-"""The decide stage's diversity measurement: a fixed probe, cached per checkpoint.
+"""The decide stage's diversity measurement: a seeded probe, cached per checkpoint.
 
-A round samples the same prompts (drawn from the domain train split with a fixed seed) with
-the same sampling seed every time, so a model's diversity numbers are a function of its weights
-and of the probe's settings. That makes two things possible:
+By default (``diversity_probe: "fixed"``) a round samples the same prompts (drawn from the
+domain train split with a fixed seed) with the same sampling seed every time, so a model's
+diversity numbers are a function of its weights and of the probe's settings. With
+``"per_round"`` each round draws its own prompts and sampling seed from its ``seed``: a lineage
+then cannot drift by passing one fixed set of prompts round after round (selection on a fixed
+probe), at the price of measuring the parent and the base again every round. Either way:
 
 * comparing a candidate with the lineage's *base* (its first version) as well as with its
   parent, so small per-round losses cannot add up unnoticed across rounds;
@@ -40,8 +43,19 @@ from worker.rounds.weights_file import FileWeights, compatible, swapped_in
 
 log = logging.getLogger(__name__)
 
-PROMPT_SEED = 2468  # the probe's prompt draw from the train split; fixed for every round
-SAMPLE_SEED = 1357  # the probe's sampling seed; fixed for every round
+PROMPT_SEED = 2468  # the fixed probe's prompt draw from the train split
+SAMPLE_SEED = 1357  # the fixed probe's sampling seed
+
+
+def probe_seeds(round_seed: int | None) -> tuple[int, int]:
+    """(prompt seed, sampling seed): the fixed probe's for None, else a pair of the round's own
+    (never the fixed pair, so a per-round probe is never the fixed one under another name)."""
+    if round_seed is None:
+        return PROMPT_SEED, SAMPLE_SEED
+    mixed = random.Random(f"diversity-probe:{round_seed}")
+    return mixed.randrange(2**31), mixed.randrange(2**31)
+
+
 CACHE_FILE = "diversity.json"
 
 
@@ -58,6 +72,7 @@ class Probe:
     temperature: float
     top_p: float
     batch_size: int
+    sample_seed: int = SAMPLE_SEED
 
     @classmethod
     def from_train(
@@ -68,13 +83,17 @@ class Probe:
         temperature: float,
         top_p: float,
         batch_size: int,
+        round_seed: int | None = None,
     ) -> Probe:
-        prompts = prompts_from(train_docs, n_prompts, random.Random(PROMPT_SEED))
-        return cls(tuple(prompts), max_new_tokens, temperature, top_p, batch_size)
+        """The fixed probe, or with ``round_seed`` that round's own (:func:`probe_seeds`)."""
+        prompt_seed, sample_seed = probe_seeds(round_seed)
+        prompts = prompts_from(train_docs, n_prompts, random.Random(prompt_seed))
+        return cls(tuple(prompts), max_new_tokens, temperature, top_p, batch_size, sample_seed)
 
     def key(self) -> str:
         """The settings that change the numbers (not the batch size: rows are seeded alone)."""
-        body = [list(self.prompts), self.max_new_tokens, self.temperature, self.top_p, SAMPLE_SEED]
+        body = [list(self.prompts), self.max_new_tokens, self.temperature, self.top_p]
+        body.append(self.sample_seed)
         return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
 
     def run(
@@ -88,7 +107,7 @@ class Probe:
             self.max_new_tokens,
             self.temperature,
             self.top_p,
-            SAMPLE_SEED,
+            self.sample_seed,
             self.batch_size,
             on_token,
         )

@@ -147,6 +147,7 @@ class Round:
             p.temperature,
             p.top_p,
             p.generate_batch_size,
+            round_seed=p.seed if p.diversity_probe == "per_round" else None,
         )
 
 
