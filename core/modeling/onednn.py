@@ -1,23 +1,34 @@
-"""oneDNN's primitive cache: how many compiled matmul kernels a process keeps.
+"""oneDNN's primitive caches: how many compiled matmul kernels a process keeps.
 
 bf16 (and some float32) matmuls on a CPU run through oneDNN, which compiles a primitive per
-shape and keeps up to ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` of them (its default: 1024), each
-with buffers of its own. Serving meets a new shape with every batch size and every packed
-prefill, a round with almost every micro-batch, so the default lets the cache grow by tens
-of MiB that nothing reuses (docs/benchmarks.md, "Memory" and "Round memory").
+shape. Two caches keep them, each up to 1024 entries by default, each entry with buffers of
+its own: oneDNN's own (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and the one PyTorch's mkldnn
+matmul path keeps through ideep (``LRU_CACHE_CAPACITY``). Serving meets a new shape with
+every batch size and every prefill length, a round with almost every micro-batch, so the
+defaults let a process grow by hundreds of MiB that nothing reuses (docs/benchmarks.md,
+"Memory" and "Round memory").
 
-oneDNN reads the variable when it creates its first primitive, so :func:`limit_onednn_cache`
-takes effect only in a process that has run no oneDNN op yet (``selflm serve`` at its start,
-a round's own worker child); an operator's own value is always kept.
+Both are read when the first primitive is created, so :func:`limit_onednn_cache` takes
+effect only in a process that has run no oneDNN op yet (``selflm serve`` at its start, a
+round's own worker child); an operator's own value of either variable is always kept.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["ONEDNN_CACHE_ENV", "SERVE_ONEDNN_CACHE", "limit_onednn_cache", "set_here"]
+__all__ = [
+    "CACHE_ENVS",
+    "IDEEP_CACHE_ENV",
+    "ONEDNN_CACHE_ENV",
+    "SERVE_ONEDNN_CACHE",
+    "limit_onednn_cache",
+    "set_here",
+]
 
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+IDEEP_CACHE_ENV = "LRU_CACHE_CAPACITY"  # PyTorch's mkldnn (ideep) primitive cache
+CACHE_ENVS = (ONEDNN_CACHE_ENV, IDEEP_CACHE_ENV)
 # What `selflm serve` keeps: a decoding step uses ~5 weight shapes at one row count, so 64
 # holds the recent row counts and prefill sizes (docs/benchmarks.md, "Memory").
 SERVE_ONEDNN_CACHE = 64
@@ -25,11 +36,12 @@ _SET_HERE: dict[str, str] = {}  # what limit_onednn_cache set in this process
 
 
 def limit_onednn_cache(capacity: int) -> None:
-    """Cap oneDNN's primitive cache for this process at ``capacity``, unless
-    ONEDNN_PRIMITIVE_CACHE_CAPACITY is set already (see the module docstring)."""
-    if ONEDNN_CACHE_ENV not in os.environ:
-        os.environ[ONEDNN_CACHE_ENV] = str(capacity)
-        _SET_HERE[ONEDNN_CACHE_ENV] = str(capacity)
+    """Cap both primitive caches of this process at ``capacity``, each unless its variable
+    is set already (see the module docstring)."""
+    for name in CACHE_ENVS:
+        if name not in os.environ:
+            os.environ[name] = str(capacity)
+            _SET_HERE[name] = str(capacity)
 
 
 def set_here() -> list[str]:

@@ -57,6 +57,15 @@ ARMS: dict[str, dict[str, Any]] = {
     # and 11 saw the fixed 128-prompt probe pass candidates the study's own prompts read as
     # drifted (selection on the probe); a per-round probe cannot be selected on twice.
     "per_round_probe": {"strategy": "difficulty", "diversity_probe": "per_round"},
+    # The round defaults with the largest probe (256 prompts): the base check's floors (2 SE of
+    # the probe's noise, 0.045 / 0.035 at 128) shrink as 1/sqrt(prompts) to 0.032 / 0.025, so
+    # the gate can hold distinct-2 near the issue's ±5 % instead of the 128-prompt ~8 %; the
+    # real-text tolerance likewise (0.045 -> 0.032).
+    "probe_256": {
+        "strategy": "difficulty",
+        "diversity_prompts": 256,
+        "real_diversity_tolerance": 0.032,
+    },
     "no_replay": {"replay_fraction": 0.0},
     "no_filters": {"filters": False},
     "no_meta_step": {"meta_step": False},
@@ -74,6 +83,7 @@ DEFAULT_ARMS = (
     "old_gate",
     "kl_anchor",
     "per_round_probe",
+    "probe_256",
     "no_replay",
     "no_filters",
     "no_meta_step",

@@ -259,8 +259,9 @@ def test_memory_smoke(tmp_path: Path, store: list[str]) -> None:
 
 def test_onednn_cache_smoke(tmp_path: Path, store: list[str]) -> None:
     out = tmp_path / "onednn.json"
-    argv = [*TINY, *store, "--shapes", "3", "--caps", "1024,8", "--out", str(out)]
+    argv = [*TINY, *store, "--shapes", "3", "--caps", "1024,8/1024,8", "--out", str(out)]
     data = _load(out, onednn_cache.main(argv))
-    assert [r["capacity"] for r in data["results"]] == [1024, 8]  # each in its own process
+    caps = [(r["capacity"], r["ideep_capacity"]) for r in data["results"]]
+    assert caps == [(1024, 1024), (8, 1024), (8, 8)]  # each in its own process
     for r in data["results"]:
         _positive(r, "before_bytes", "after_bytes", "seconds")

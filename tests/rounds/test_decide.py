@@ -104,3 +104,31 @@ def test_a_per_round_probe_is_the_rounds_own_and_reproducible() -> None:
     assert len({fixed.key(), one.key(), two.key()}) == 3
     # Round seed 0 is a round's own probe too, not the fixed one.
     assert Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=0).key() != fixed.key()
+
+
+def test_a_larger_probe_has_tighter_base_floors_and_a_smaller_one_no_looser() -> None:
+    base = stats(0.548, 0.087)  # the bundled model's numbers on the gate's probe
+    # 0.035 below the base (6.4 %): inside the 128-prompt floor (0.045), outside 256's (0.032)
+    cand = stats(0.513, 0.087)
+
+    def fails(n: int, c: DiversityStats = cand) -> list[str]:
+        return DiversityCheck(base, c, tolerance=0.05, base=base, probe_size=n).failures()
+
+    assert fails(128) == [] and fails(24) == []
+    assert fails(256) == ["distinct-2 fell more than 5% (at least 0.0318) below the base's"]
+    # repetition: +0.03 is inside 128's floor (0.035), outside 256's (0.0247)
+    worse = stats(0.548, 0.117)
+    assert fails(128, worse) == [] and fails(24, worse) == []
+    assert fails(256, worse) == ["repetition rose more than 5% (at least 0.0247) above the base's"]
+
+
+def test_the_gate_check_carries_its_probes_size() -> None:
+    from worker.rounds.diversity_gate import References, check_diversity
+
+    train = [f"Document {i} about the for statement and loops in Python." for i in range(40)]
+    loaded = tiny_model("llama", seed=0)
+    for n in (3, 5):
+        probe = Probe.from_train(train, n, 4, 0.8, 0.95, 8)
+        refs = References(parent=BASE, base=BASE)
+        div = check_diversity(refs, probe, loaded.model, loaded.tokenizer, (0.05, 0.05))
+        assert div.probe_size == n

@@ -13,6 +13,15 @@ from worker.rounds.textstats import DiversityStats
 # where a relative bound would reject any change.
 REPETITION_FLOOR = 0.035
 DISTINCT_2_FLOOR = 0.045
+FLOOR_PROBE = 128  # the probe size the floors were measured at
+
+
+def base_floors(probe_size: int) -> tuple[float, float]:
+    """(distinct-2, repetition) floors of the base check for a probe of ``probe_size``
+    prompts: the noise of a difference falls as 1/sqrt(prompts), so a larger probe's floors
+    do too; a smaller probe keeps the 128-prompt floors (it is not allowed looser ones)."""
+    scale = (FLOOR_PROBE / max(probe_size, FLOOR_PROBE)) ** 0.5
+    return DISTINCT_2_FLOOR * scale, REPETITION_FLOOR * scale
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class DiversityCheck:
     base_tolerance: float = 0.05  # relative, against the lineage base
     real: DiversityStats | None = None  # real held-out text of the probe's size (realtext)
     real_tolerance: float = 0.045  # absolute, on the distance from real text (see real_failures)
+    probe_size: int = FLOOR_PROBE  # prompts in the probe: sets the base check's floors
 
     def real_failures(self) -> list[str]:
         """The candidate's samples may not sit farther from real held-out domain text than
@@ -64,15 +74,14 @@ class DiversityCheck:
             out.append(f"repetition rose more than {self.tolerance:.3f} above the parent's")
         if self.base is not None:
             b, t = self.base, self.base_tolerance
-            if c.distinct_2 < b.distinct_2 - max(t * b.distinct_2, DISTINCT_2_FLOOR):
+            d2_floor, rep_floor = base_floors(self.probe_size)
+            if c.distinct_2 < b.distinct_2 - max(t * b.distinct_2, d2_floor):
                 out.append(
-                    f"distinct-2 fell more than {t:.0%} (at least {DISTINCT_2_FLOOR}) "
-                    "below the base's"
+                    f"distinct-2 fell more than {t:.0%} (at least {d2_floor:.3g}) below the base's"
                 )
-            if c.repetition_rate > b.repetition_rate + max(t * b.repetition_rate, REPETITION_FLOOR):
+            if c.repetition_rate > b.repetition_rate + max(t * b.repetition_rate, rep_floor):
                 out.append(
-                    f"repetition rose more than {t:.0%} (at least {REPETITION_FLOOR}) "
-                    "above the base's"
+                    f"repetition rose more than {t:.0%} (at least {rep_floor:.3g}) above the base's"
                 )
         return out + self.real_failures()
 

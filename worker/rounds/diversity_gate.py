@@ -225,6 +225,7 @@ def check_diversity(
         tolerance=tolerances[0],
         base=refs.base,
         base_tolerance=tolerances[1],
+        probe_size=len(probe.prompts),
     )
     if real is not None:  # real held-out text's numbers (worker/rounds/realtext.py)
         check = dataclasses.replace(check, real=real[0], real_tolerance=real[1])
