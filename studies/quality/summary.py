@@ -31,6 +31,8 @@ ARM_NOTES = {
     "random": "defaults with random selection",
     "diversity": "defaults with diversity selection (as selflm)",
     "difficulty": "selflm with difficulty selection: the round defaults since session 10",
+    "per_round_probe": "difficulty with the gate's probe drawn afresh from each round's seed",
+    "probe_256": "difficulty with a 256-prompt gate probe and its tighter noise floors",
 }
 
 
