@@ -104,7 +104,8 @@ class RoundParams(BaseModel):
     diversity_prompts: int = Field(default=128, ge=1, le=256)
     # "fixed": the same prompts and sampling seed every round (its numbers cached per
     # checkpoint); "per_round": drawn from the round's seed, so no lineage passes one fixed
-    # probe round after round (the parent and base are measured again each round)
+    # probe round after round (the parent and base are measured again each round). Measured
+    # worse over 3 rounds (repetition +48 %, docs/quality.md), hence not the default
     diversity_probe: Literal["fixed", "per_round"] = "fixed"
     # meta-step and decide
     meta_step: bool = True
