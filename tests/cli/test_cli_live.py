@@ -103,7 +103,9 @@ def test_round_start_follow_draws_each_stage_to_100_and_the_decision(live: LiveS
 
 
 def test_ctrl_c_stops_following_not_the_round(live: LiveServer) -> None:
-    child = spawn(live, "round", "start", "--follow", *as_sets(REJECTED))
+    # A longer round than REJECTED (epochs 2): Ctrl-C must land while it runs, after the
+    # follower has drawn its first frame (CI saw the round end first on a quiet machine).
+    child = spawn(live, "round", "start", "--follow", *as_sets({**REJECTED, "epochs": 12}))
     term = Terminal(child)
     term.pump(until=re.compile(r"round \d+\s+━"))
     rid = int(re.search(r"round (\d+)", "\n".join(term.lines())).group(1))  # type: ignore[union-attr]
