@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 NEEDS_GLIBC = pytest.mark.skipif(
     not Path("/proc/self/status").exists() or ctypes.util.find_library("c") is None,
     reason="needs Linux /proc and a C library",
