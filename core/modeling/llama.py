@@ -298,6 +298,9 @@ class LlamaForServing(nn.Module):
         self.model = Body(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    def get_input_embeddings(self) -> nn.Embedding:  # as transformers' models
+        return self.model.embed_tokens
+
     def forward(
         self,
         input_ids: torch.Tensor,
