@@ -8,6 +8,7 @@ nothing here but is asked for the 422s and for each round's recorded metrics.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,20 @@ def test_out_of_range_quality_params_get_422(env: Any, bad: dict[str, Any]) -> N
     assert r.status_code == 422, r.text
     assert r.json()["error_type"] == "validation"
     assert next(iter(bad)) in r.json()["error"]
+    assert client.get("/update-rounds").json()["total"] == before
+
+
+@pytest.mark.parametrize("bad", ["maybe", 2, [True], {"on": True}, None])
+def test_diversity_confirm_takes_a_boolean_only(env: Any, bad: Any) -> None:
+    client, _, _ = env
+    assert RoundParams().diversity_confirm is False  # the default: today's gate
+    assert RoundParams(diversity_confirm=True).diversity_confirm is True
+    before = client.get("/update-rounds").json()["total"]
+    r = client.post("/update-rounds", json={"diversity_confirm": bad})
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "validation"
+    # A known parameter with a wrong value (not an unknown one: extra fields are 422s too).
+    assert "diversity_confirm" in r.json()["error"] and "valid boolean" in r.json()["error"]
     assert client.get("/update-rounds").json()["total"] == before
 
 
@@ -218,3 +233,103 @@ def test_a_per_round_probe_measures_parent_and_base_on_the_rounds_own_prompts(en
         # The parent (and base) were measured again on this round's own probe.
         assert probe_key(seed) in probes_in_cache() - fixed
     assert len({probe_key(None), probe_key(11), probe_key(12)}) == 3
+
+
+def test_a_confirmation_probe_measures_parent_and_base_on_its_own_prompts(env: Any) -> None:
+    from core import registry
+    from worker.rounds.data import load_corpus
+    from worker.rounds.diversity_gate import CACHE_FILE, Probe, weights_key
+
+    _, settings, db = env
+    cache = Path(settings.checkpoint_dir, settings.lineage, CACHE_FILE)
+    # Every tolerance wide open, a zero margin: an ε whose dev ppl does not get worse passes
+    # its probe (unless its repetition rises past the base check's absolute floor, which no
+    # tolerance opens) and goes on to the confirmation probe, which can still fail it there.
+    open_gate = {
+        **SMALL,
+        "replay_fraction": 0.8,
+        "learning_rate": 3e-3,
+        "epochs": 2,
+        "promotion_margin": 0.0,
+        "diversity_tolerance": 1.0,
+        "base_diversity_tolerance": 1.0,
+        "real_diversity_tolerance": 1.0,
+    }
+
+    def confirm_key(round_seed: int | None) -> str:
+        p = RoundParams(**SMALL)
+        return Probe.from_train(
+            load_corpus(None).train, p.diversity_prompts, p.max_new_tokens, p.temperature,
+            p.top_p, p.generate_batch_size, round_seed=round_seed, confirm=True,
+        ).key()  # fmt: skip
+
+    def cached() -> dict[str, dict[str, float]]:
+        return json.loads(cache.read_text()) if cache.exists() else {}
+
+    def on_confirm(manifest: dict[str, Any], key: str) -> dict[str, float] | None:
+        return cached().get(f"{weights_key(manifest)}:{key}")
+
+    fixed = confirm_key(None)
+    off = _run(env, SMALL)  # the default: no confirmation probe, nothing recorded for one
+    assert off["params"]["diversity_confirm"] is False
+    assert not [k for k in off["metrics"]["decide"] if "confirm" in k]
+    assert not [k for k in cached() if k.endswith(f":{fixed}")]
+
+    def confirmed_round(params: dict[str, Any], key: str) -> dict[str, Any]:
+        parent = registry.champion(db, settings.lineage)
+        base = registry.lineage_root(db, settings.lineage)
+        assert parent is not None and base is not None
+        body = _run(env, {**params, "diversity_confirm": True})
+        assert body["params"]["diversity_confirm"] is True
+        dec = body["metrics"]["decide"]
+        walked = [float(k.rsplit("_", 1)[1]) for k in dec if k.startswith("diversity_ok_eps_")]
+        confirmed = {
+            e: dec[f"confirm_ok_eps_{e:g}"] for e in walked if f"confirm_ok_eps_{e:g}" in dec
+        }
+        # Confirmed: each ε that passed its probe with a dev ppl no worse, and only those.
+        champ, gate = body["metrics"]["evaluate"]["champion_dev_ppl"], body["metrics"]["meta_step"]
+        passed = [
+            e
+            for e in walked
+            if dec[f"diversity_ok_eps_{e:g}"] and gate[f"gate_ppl_eps_{e:g}"] <= champ
+        ]
+        assert confirmed and sorted(confirmed) == sorted(passed)
+        for e in confirmed:
+            assert 0 < dec[f"candidate_distinct_2_confirm_eps_{e:g}"] <= 1
+            assert 0 <= dec[f"candidate_repetition_rate_confirm_eps_{e:g}"] < 1
+        # One that failed there is named in the reason; the first to pass both is promoted.
+        unconfirmed = {f"ε={e:g}" for e, ok in confirmed.items() if not ok}
+        named = re.search(r"confirmation failed at ([^)]*)\)", body["reason"])
+        assert set(named.group(1).split(", ") if named else []) == unconfirmed, body["reason"]
+        assert (body["decision"] == "promoted") == (1.0 in confirmed.values()), body["reason"]
+        # The parent and the base on the confirmation probe: in the cache under its key, and
+        # recorded as the numbers the confirmation was held to.
+        for who, ref in (("champion", parent), ("base", base)):
+            stats = on_confirm(ref.manifest, key)
+            assert stats is not None, who
+            assert dec[f"{who}_distinct_2_confirm"] == stats["distinct_2"]
+            assert dec[f"{who}_repetition_rate_confirm"] == stats["repetition_rate"]
+        if body["decision"] == "promoted":  # its numbers on it are the next round's parent's
+            eps = dec["epsilon"]
+            assert confirmed[eps] == 1.0
+            promoted = registry.champion(db, settings.lineage)
+            assert promoted is not None and promoted.version == body["candidate_version"]
+            got = on_confirm(promoted.manifest, key)
+            assert got is not None
+            assert got["distinct_2"] == dec[f"candidate_distinct_2_confirm_eps_{eps:g}"]
+            assert got["repetition_rate"] == dec[f"candidate_repetition_rate_confirm_eps_{eps:g}"]
+        return body
+
+    first = confirmed_round({**open_gate, "seed": 31}, fixed)
+    assert first["decision"] == "promoted", first["reason"]
+    second = confirmed_round({**open_gate, "seed": 32}, fixed)
+    # The second round's parent is the first's candidate: its confirmation numbers came from
+    # the cache, and the base's are the ones measured once for the lineage.
+    d1, d2 = first["metrics"]["decide"], second["metrics"]["decide"]
+    eps1 = d1["epsilon"]
+    assert d2["champion_distinct_2_confirm"] == d1[f"candidate_distinct_2_confirm_eps_{eps1:g}"]
+    assert d2["base_distinct_2_confirm"] == d1["base_distinct_2_confirm"]
+    assert d2["base_repetition_rate_confirm"] == d1["base_repetition_rate_confirm"]
+    # per_round: the confirmation probe is the round's own too, not the fixed one.
+    assert confirm_key(33) != fixed
+    confirmed_round({**open_gate, "seed": 33, "diversity_probe": "per_round"}, confirm_key(33))
