@@ -21,6 +21,7 @@ from core.db import rounds as records
 from core.db.session import Database, upgrade
 from core.round_params import RoundParams
 from core.settings import Settings
+from worker.rounds.diversity_gate import Probe
 from worker.rounds.pipeline import run_round
 
 SMALL: dict[str, Any] = {
@@ -235,94 +236,145 @@ def test_a_per_round_probe_measures_parent_and_base_on_the_rounds_own_prompts(en
     assert len({probe_key(None), probe_key(11), probe_key(12)}) == 3
 
 
-def test_a_confirmation_probe_measures_parent_and_base_on_its_own_prompts(env: Any) -> None:
-    from core import registry
+# Every tolerance wide open, a zero margin: an ε whose dev ppl does not get worse passes its
+# probe (unless its repetition rises past the base check's absolute floor, which no tolerance
+# opens) and goes on to the confirmation probe, which can still fail it there.
+OPEN_GATE: dict[str, Any] = {
+    **SMALL,
+    "replay_fraction": 0.8,
+    "learning_rate": 3e-3,
+    "epochs": 2,
+    "promotion_margin": 0.0,
+    "diversity_tolerance": 1.0,
+    "base_diversity_tolerance": 1.0,
+    "real_diversity_tolerance": 1.0,
+    "diversity_confirm": True,
+}
+
+
+def _probe(round_seed: int | None, confirm: bool = True) -> Probe:
+    """The round's confirmation probe (or with ``confirm=False`` its main one) at SMALL's
+    settings: the fixed one for None, else a per_round round's."""
     from worker.rounds.data import load_corpus
-    from worker.rounds.diversity_gate import CACHE_FILE, Probe, weights_key
+
+    p = RoundParams(**SMALL)
+    return Probe.from_train(
+        load_corpus(None).train, p.diversity_prompts, p.max_new_tokens, p.temperature,
+        p.top_p, p.generate_batch_size, round_seed=round_seed, confirm=confirm,
+    )  # fmt: skip
+
+
+def _cached(settings: Settings, manifest: dict[str, Any], probe: Probe) -> dict[str, float] | None:
+    from worker.rounds.diversity_gate import CACHE_FILE, weights_key
+
+    path = Path(settings.checkpoint_dir, settings.lineage, CACHE_FILE)
+    entries = json.loads(path.read_text()) if path.exists() else {}
+    found: dict[str, float] | None = entries.get(f"{weights_key(manifest)}:{probe.key()}")
+    return found
+
+
+def _put(env: Any, who: str, probe: Probe, d2: float, rep: float) -> None:
+    """Numbers for the champion's or the base's checkpoint on a probe, by hand."""
+    from core import registry
+    from worker.rounds.diversity_gate import DiversityCache
+    from worker.rounds.textstats import DiversityStats
 
     _, settings, db = env
-    cache = Path(settings.checkpoint_dir, settings.lineage, CACHE_FILE)
-    # Every tolerance wide open, a zero margin: an ε whose dev ppl does not get worse passes
-    # its probe (unless its repetition rises past the base check's absolute floor, which no
-    # tolerance opens) and goes on to the confirmation probe, which can still fail it there.
-    open_gate = {
-        **SMALL,
-        "replay_fraction": 0.8,
-        "learning_rate": 3e-3,
-        "epochs": 2,
-        "promotion_margin": 0.0,
-        "diversity_tolerance": 1.0,
-        "base_diversity_tolerance": 1.0,
-        "real_diversity_tolerance": 1.0,
-    }
+    ref = (registry.champion if who == "champion" else registry.lineage_root)(db, settings.lineage)
+    assert ref is not None
+    cache = DiversityCache(Path(settings.checkpoint_dir, settings.lineage))
+    cache.put(ref.manifest, probe, DiversityStats(0.0, d2, rep))
 
-    def confirm_key(round_seed: int | None) -> str:
-        p = RoundParams(**SMALL)
-        return Probe.from_train(
-            load_corpus(None).train, p.diversity_prompts, p.max_new_tokens, p.temperature,
-            p.top_p, p.generate_batch_size, round_seed=round_seed, confirm=True,
-        ).key()  # fmt: skip
 
-    def cached() -> dict[str, dict[str, float]]:
-        return json.loads(cache.read_text()) if cache.exists() else {}
+def _open_main(env: Any, round_seed: int) -> None:
+    """A per_round round's own main probe opened by hand (parent and base at distinct-2 0,
+    repetition 1: with the tolerances at 1 nothing fails against them), so every ε with a dev
+    gain reaches the confirmation whatever drift the rounds before left."""
+    for who in ("champion", "base"):
+        _put(env, who, _probe(round_seed, confirm=False), 0.0, 1.0)
 
-    def on_confirm(manifest: dict[str, Any], key: str) -> dict[str, float] | None:
-        return cached().get(f"{weights_key(manifest)}:{key}")
 
-    fixed = confirm_key(None)
-    off = _run(env, SMALL)  # the default: no confirmation probe, nothing recorded for one
+def _confirmed_round(env: Any, params: dict[str, Any], probe: Probe) -> dict[str, Any]:
+    """A round with ``diversity_confirm`` (confirmation ``probe``), checked: what it recorded
+    for each ε, the parent's and base's numbers on the probe, and what the cache keeps."""
+    from core import registry
+    from worker.rounds.decide import DiversityCheck
+    from worker.rounds.textstats import DiversityStats
+
+    _, settings, db = env
+    parent = registry.champion(db, settings.lineage)
+    base = registry.lineage_root(db, settings.lineage)
+    assert parent is not None and base is not None
+    body = _run(env, params)
+    assert body["params"]["diversity_confirm"] is True
+    dec, ev = body["metrics"]["decide"], body["metrics"]["evaluate"]
+    walked = [float(k.rsplit("_", 1)[1]) for k in dec if k.startswith("diversity_ok_eps_")]
+    confirmed = {e: dec[f"confirm_ok_eps_{e:g}"] for e in walked if f"confirm_ok_eps_{e:g}" in dec}
+    # Confirmed: each ε that passed its probe with a dev ppl no worse, and only those.
+    gate = body["metrics"]["meta_step"]
+    passed = [
+        e
+        for e in walked
+        if dec[f"diversity_ok_eps_{e:g}"] and gate[f"gate_ppl_eps_{e:g}"] <= ev["champion_dev_ppl"]
+    ]
+    assert confirmed and sorted(confirmed) == sorted(passed), body["reason"]
+    # Each confirmation's verdict follows from the recorded numbers alone.
+    p = RoundParams(**body["params"])
+
+    def at(who: str, suffix: str, where: dict[str, float] = dec) -> DiversityStats:
+        d2, rep = where[f"{who}_distinct_2{suffix}"], where[f"{who}_repetition_rate{suffix}"]
+        return DiversityStats(0.0, d2, rep)  # distinct-1 decides nothing
+
+    for e, ok in confirmed.items():
+        assert 0 < dec[f"candidate_distinct_2_confirm_eps_{e:g}"] <= 1
+        assert 0 <= dec[f"candidate_repetition_rate_confirm_eps_{e:g}"] < 1
+        again = DiversityCheck(
+            parent=at("champion", "_confirm"),
+            candidate=at("candidate", f"_confirm_eps_{e:g}"),
+            tolerance=p.diversity_tolerance,
+            base=at("base", "_confirm"),
+            base_tolerance=p.base_diversity_tolerance,
+            real=at("real", "", ev),
+            real_tolerance=p.real_diversity_tolerance,
+            probe_size=p.diversity_prompts,
+        )
+        assert ok == float(not again.failures()), e
+    # One that failed there is named in the reason; the first to pass both is promoted.
+    unconfirmed = {f"ε={e:g}" for e, ok in confirmed.items() if not ok}
+    named = re.search(r"confirmation failed at ([^)]*)\)", body["reason"])
+    assert set(named.group(1).split(", ") if named else []) == unconfirmed, body["reason"]
+    assert (body["decision"] == "promoted") == (1.0 in confirmed.values()), body["reason"]
+    # The parent and the base on the confirmation probe: in the cache under its key, and
+    # recorded as the numbers the confirmation was held to.
+    for who, ref in (("champion", parent), ("base", base)):
+        stats = _cached(settings, ref.manifest, probe)
+        assert stats is not None, who
+        assert dec[f"{who}_distinct_2_confirm"] == stats["distinct_2"]
+        assert dec[f"{who}_repetition_rate_confirm"] == stats["repetition_rate"]
+    if body["decision"] == "promoted":  # its numbers on it are the next round's parent's
+        eps = dec["epsilon"]
+        assert confirmed[eps] == 1.0
+        promoted = registry.champion(db, settings.lineage)
+        assert promoted is not None and promoted.version == body["candidate_version"]
+        got = _cached(settings, promoted.manifest, probe)
+        assert got is not None
+        assert got["distinct_2"] == dec[f"candidate_distinct_2_confirm_eps_{eps:g}"]
+        assert got["repetition_rate"] == dec[f"candidate_repetition_rate_confirm_eps_{eps:g}"]
+    return body
+
+
+def test_a_confirmation_probe_measures_parent_and_base_on_its_own_prompts(env: Any) -> None:
+    _, settings, _ = env
+    fixed = _probe(None)
+    off = _run(env, {**SMALL, "seed": 30})  # the default: no confirmation probe, none recorded
     assert off["params"]["diversity_confirm"] is False
     assert not [k for k in off["metrics"]["decide"] if "confirm" in k]
-    assert not [k for k in cached() if k.endswith(f":{fixed}")]
+    cache = Path(settings.checkpoint_dir, settings.lineage, "diversity.json")
+    assert not [k for k in json.loads(cache.read_text()) if k.endswith(f":{fixed.key()}")]
 
-    def confirmed_round(params: dict[str, Any], key: str) -> dict[str, Any]:
-        parent = registry.champion(db, settings.lineage)
-        base = registry.lineage_root(db, settings.lineage)
-        assert parent is not None and base is not None
-        body = _run(env, {**params, "diversity_confirm": True})
-        assert body["params"]["diversity_confirm"] is True
-        dec = body["metrics"]["decide"]
-        walked = [float(k.rsplit("_", 1)[1]) for k in dec if k.startswith("diversity_ok_eps_")]
-        confirmed = {
-            e: dec[f"confirm_ok_eps_{e:g}"] for e in walked if f"confirm_ok_eps_{e:g}" in dec
-        }
-        # Confirmed: each ε that passed its probe with a dev ppl no worse, and only those.
-        champ, gate = body["metrics"]["evaluate"]["champion_dev_ppl"], body["metrics"]["meta_step"]
-        passed = [
-            e
-            for e in walked
-            if dec[f"diversity_ok_eps_{e:g}"] and gate[f"gate_ppl_eps_{e:g}"] <= champ
-        ]
-        assert confirmed and sorted(confirmed) == sorted(passed)
-        for e in confirmed:
-            assert 0 < dec[f"candidate_distinct_2_confirm_eps_{e:g}"] <= 1
-            assert 0 <= dec[f"candidate_repetition_rate_confirm_eps_{e:g}"] < 1
-        # One that failed there is named in the reason; the first to pass both is promoted.
-        unconfirmed = {f"ε={e:g}" for e, ok in confirmed.items() if not ok}
-        named = re.search(r"confirmation failed at ([^)]*)\)", body["reason"])
-        assert set(named.group(1).split(", ") if named else []) == unconfirmed, body["reason"]
-        assert (body["decision"] == "promoted") == (1.0 in confirmed.values()), body["reason"]
-        # The parent and the base on the confirmation probe: in the cache under its key, and
-        # recorded as the numbers the confirmation was held to.
-        for who, ref in (("champion", parent), ("base", base)):
-            stats = on_confirm(ref.manifest, key)
-            assert stats is not None, who
-            assert dec[f"{who}_distinct_2_confirm"] == stats["distinct_2"]
-            assert dec[f"{who}_repetition_rate_confirm"] == stats["repetition_rate"]
-        if body["decision"] == "promoted":  # its numbers on it are the next round's parent's
-            eps = dec["epsilon"]
-            assert confirmed[eps] == 1.0
-            promoted = registry.champion(db, settings.lineage)
-            assert promoted is not None and promoted.version == body["candidate_version"]
-            got = on_confirm(promoted.manifest, key)
-            assert got is not None
-            assert got["distinct_2"] == dec[f"candidate_distinct_2_confirm_eps_{eps:g}"]
-            assert got["repetition_rate"] == dec[f"candidate_repetition_rate_confirm_eps_{eps:g}"]
-        return body
-
-    first = confirmed_round({**open_gate, "seed": 31}, fixed)
+    first = _confirmed_round(env, {**OPEN_GATE, "seed": 31}, fixed)
     assert first["decision"] == "promoted", first["reason"]
-    second = confirmed_round({**open_gate, "seed": 32}, fixed)
+    second = _confirmed_round(env, {**OPEN_GATE, "seed": 32}, fixed)
     # The second round's parent is the first's candidate: its confirmation numbers came from
     # the cache, and the base's are the ones measured once for the lineage.
     d1, d2 = first["metrics"]["decide"], second["metrics"]["decide"]
@@ -331,5 +383,21 @@ def test_a_confirmation_probe_measures_parent_and_base_on_its_own_prompts(env: A
     assert d2["base_distinct_2_confirm"] == d1["base_distinct_2_confirm"]
     assert d2["base_repetition_rate_confirm"] == d1["base_repetition_rate_confirm"]
     # per_round: the confirmation probe is the round's own too, not the fixed one.
-    assert confirm_key(33) != fixed
-    confirmed_round({**open_gate, "seed": 33, "diversity_probe": "per_round"}, confirm_key(33))
+    own = _probe(33)
+    assert own.key() not in (fixed.key(), _probe(33, confirm=False).key())
+    _open_main(env, 33)
+    _confirmed_round(env, {**OPEN_GATE, "seed": 33, "diversity_probe": "per_round"}, own)
+
+
+def test_an_eps_the_confirmation_probe_turns_down_is_not_promoted(env: Any) -> None:
+    # A base no candidate can pass on round 34's own confirmation probe (its numbers there
+    # put in the cache by hand: repetition -1): every ε that passes the round's probe is
+    # turned down by the confirmation, held to those numbers, and the round is rejected.
+    _open_main(env, 34)
+    _put(env, "base", _probe(34), 0.5, -1.0)
+    doomed = _confirmed_round(
+        env, {**OPEN_GATE, "seed": 34, "diversity_probe": "per_round"}, _probe(34)
+    )
+    assert doomed["decision"] == "rejected", doomed["reason"]
+    assert "confirmation failed at ε=" in doomed["reason"]
+    assert doomed["metrics"]["decide"]["base_repetition_rate_confirm"] == -1.0
