@@ -32,11 +32,9 @@ def cmd_migrate(settings: Settings) -> int:
 
 
 def cmd_serve(settings: Settings, host: str, port: int) -> int:
-    from core.malloc import SERVE_MMAP_THRESHOLD, fix_mmap_threshold
     from core.modeling.onednn import SERVE_ONEDNN_CACHE, limit_onednn_cache
 
     limit_onednn_cache(SERVE_ONEDNN_CACHE)  # before any torch op of this process
-    fix_mmap_threshold(SERVE_MMAP_THRESHOLD)
     import uvicorn
 
     from app.main import create_app

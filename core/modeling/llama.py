@@ -184,6 +184,27 @@ class MLP(nn.Module):
         return out
 
 
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention of `q` ([batch, heads, t, head dim]) over grouped keys and values ([batch,
+    kv heads, width, head dim]) the way the CPU's SDPA kernels run it fast. One query token:
+    each group's query heads become query positions over its one key/value head
+    (transformers' ``pack_gqa``; `mask` [batch, 1, 1, width] is shared by them), 4× faster
+    than ``enable_gqa`` with a mask at 32 rows here. More: keys and values repeated per head,
+    as transformers does with a mask."""
+    b, heads, t, dim = q.shape
+    group = heads // k.shape[1]
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if t == 1:
+        packed = q.reshape(b, heads // group, group, dim)
+        o = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=scale)
+        return o.reshape(b, heads, 1, dim)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 class Attention(nn.Module):
     sliding_window = None  # full attention only (serving_config())
 
@@ -217,9 +238,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True
-        )
+        o = attend(q, k, v, mask, self.scaling)
         out: torch.Tensor = self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
         return out
 
