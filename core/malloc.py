@@ -3,7 +3,8 @@
 glibc keeps what a process freed mapped (and raises its mmap threshold after large frees, so
 later large tensors come from the heap too): without a trim, a process's resident size stays
 at its highest point — a round's update stage, a warm-up over batch sizes, the old model of a
-hot swap — long after the memory was freed.
+hot swap — long after the memory was freed. A serving replica also trims every second
+while batches run (``app/engine/batcher.py``).
 """
 
 from __future__ import annotations

@@ -137,3 +137,26 @@ def candidate_distinct_2_at(eps: float) -> str:
 
 def candidate_repetition_rate_at(eps: float) -> str:
     return f"candidate_repetition_rate_eps_{eps:g}"
+
+
+# The confirmation probe (round parameter `diversity_confirm`): an ε that passes the gate's
+# probe is measured again on a second, independent one before it may be promoted.
+
+
+def confirm_ok_at(eps: float) -> str:
+    """1.0 when ε passed on the confirmation probe too (recorded only for an ε that passed
+    the gate's own probe)."""
+    return f"confirm_ok_eps_{eps:g}"
+
+
+def candidate_distinct_2_confirm_at(eps: float) -> str:
+    return f"candidate_distinct_2_confirm_eps_{eps:g}"
+
+
+def candidate_repetition_rate_confirm_at(eps: float) -> str:
+    return f"candidate_repetition_rate_confirm_eps_{eps:g}"
+
+
+def on_confirm(name: str) -> str:
+    """A reference's number on the confirmation probe: ``champion_distinct_2_confirm`` …"""
+    return f"{name}_confirm"

@@ -357,13 +357,14 @@ def promote(
 # --------------------------------------------------------------------------- loading
 
 
-def open(ref: CheckpointRef, device: Any, dtype: Any) -> LoadedBase:
+def open(ref: CheckpointRef, device: Any, dtype: Any, serving: bool = False) -> LoadedBase:
     """Load `ref`'s files, each checked against the manifest recorded in the database as it
     is read (BLAKE3, or sha256 for a version written before it); CheckpointError when one
-    is missing or does not match."""
+    is missing or does not match. `serving`: an inference-only model where one exists
+    (:func:`core.modeling.loader.load_checkpoint`)."""
     from core.modeling.loader import load_checkpoint
 
-    return load_checkpoint(ref.path, device, dtype, ref.manifest)
+    return load_checkpoint(ref.path, device, dtype, ref.manifest, serving=serving)
 
 
 # --------------------------------------------------------------------------- the base

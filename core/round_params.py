@@ -107,6 +107,12 @@ class RoundParams(BaseModel):
     # probe round after round (the parent and base are measured again each round). Measured
     # worse over 3 rounds (repetition +48 %, docs/quality.md), hence not the default
     diversity_probe: Literal["fixed", "per_round"] = "fixed"
+    # True: an ε that passes the gate on its probe is measured again on a second, independent
+    # probe (other prompts and sampling seed: diversity_gate.probe_seeds(..., confirm=True)),
+    # with the parent and base measured on it too, and promoted only if it passes both
+    # (against the winner's curse of taking the first ε whose noisy reading passes). Dev
+    # gate only; costs one more probe per ε that passes, plus the parent's and base's
+    diversity_confirm: bool = False
     # meta-step and decide
     meta_step: bool = True
     epsilon_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)

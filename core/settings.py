@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     lineage: str = "default"
     device: DeviceName = "auto"
     dtype: DtypeName = "auto"
+    # How a replica runs the model: "auto" serves a Llama checkpoint with the engine's own
+    # forward (core/modeling/llama.py: no transformers modelling stack in the replica, ~100 MiB
+    # less) and anything else with transformers' class; "transformers" always uses the latter.
+    model_impl: Literal["auto", "transformers"] = "auto"
     api_keys: str = ""
     # Keys that grant the inference routes only (TGI, OpenAI, /tokenize), like vLLM's
     # --api-key; `api_keys` grant everything.

@@ -30,6 +30,11 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# While batches run, the heap's freed pages go back to the system at most this often
+# (core/malloc.py): a step frees as much as it allocates, and glibc keeps what it freed
+# resident, so without it a replica's memory under steady load follows its largest steps.
+TRIM_INTERVAL_S = 1.0
+
 
 @dataclass
 class LoadedModel:
@@ -255,11 +260,15 @@ class Batcher:
             # when its rows drain, not when the new model's batch ends (under steady load
             # that batch may never end, and the old weights would stay resident).
             del cur
+            trimmed = time.monotonic()
             while running:
                 before = len(running)
                 running = [(c, d) for c, d in running if d.step()]
-                if running and len(running) < before:
-                    trim()  # a drained old model's memory goes back beside the new batch
+                now = time.monotonic()
+                # a drained old model's memory goes back beside the new batch at once
+                if running and (len(running) < before or now - trimmed > TRIM_INTERVAL_S):
+                    trim()
+                    trimmed = now
                 self._overlap(running)
         except Exception as e:  # a failed batch fails its requests, not the thread
             log.exception("batch of %d failed", len(self.in_flight))

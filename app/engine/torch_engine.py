@@ -125,7 +125,8 @@ class TorchEngine:
         return self._load(ref)
 
     def _load(self, ref: CheckpointRef) -> LoadedModel:
-        loaded = registry.open(ref, self.device, self.dtype)
+        serving = self.settings.model_impl == "auto"
+        loaded = registry.open(ref, self.device, self.dtype, serving=serving)
         model, tokenizer, p, version = loaded.model, loaded.tokenizer, ref.path, ref.version
         info = ModelInfo(
             version=version,

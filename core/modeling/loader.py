@@ -17,15 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
-
-try:  # transformers 5
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers 4.57
-    from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from core import store
+from core.modeling import llama
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +53,14 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
     ),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
 }
+
+
+def _auto_model() -> Any:
+    """transformers' ``AutoModelForCausalLM``, imported on first use: a serving replica of a
+    Llama checkpoint never needs transformers' modelling stack (core/modeling/llama.py)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
 
 
 class ModelSpecError(ValueError):
@@ -115,7 +119,7 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedBase:
     # A fixed seed makes tiny:<arch> the same model in every process (API and worker).
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+        model = _auto_model().from_config(config)
     return LoadedBase(model=model, tokenizer=tok, source=f"tiny:{arch}")
 
 
@@ -133,7 +137,7 @@ def _drop_quantization(model: Any) -> None:
 def gguf_model(path: Path) -> LoadedBase:
     log.info("dequantizing GGUF %s (first start only)", path)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = _auto_model().from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
     _drop_quantization(model)
@@ -143,7 +147,7 @@ def gguf_model(path: Path) -> LoadedBase:
 
 def hf_model(name_or_path: str) -> LoadedBase:
     tok = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    model = _auto_model().from_pretrained(name_or_path, dtype=torch.float32)
     _ensure_pad(tok)
     return LoadedBase(model=model, tokenizer=tok, source=name_or_path)
 
@@ -153,8 +157,13 @@ def load_checkpoint(
     device: torch.device,
     dtype: torch.dtype,
     manifest: dict[str, Any] | None = None,
+    serving: bool = False,
 ) -> LoadedBase:
     """Load a checkpoint-store directory, checking each file against `manifest` as it is read.
+
+    With `serving`, a checkpoint that :func:`core.modeling.llama.serving_config` accepts is
+    built as the serving engine's own Llama forward (inference only, no transformers
+    modelling import); otherwise, and for every other config, as transformers' model class.
 
     With `manifest` (pass the one recorded in the database) every file it lists is read once
     into process memory and hashed on the way in (:class:`core.store.CheckedReader`); what is
@@ -181,8 +190,8 @@ def load_checkpoint(
         for n in names
         if n not in weight_names
     }
-    config = _config_from(small["config.json"])
-    tok = _tokenizer_from(small, expected)
+    config = _config_from(small["config.json"], serving)
+    tok = _tokenizer_from(small, expected, isinstance(config, llama.ServingConfig))
     state: dict[str, torch.Tensor] = {}
     for n in weight_names:
         state.update(_read_safetensors(path / n, expected[n] if expected else None, dtype))
@@ -208,9 +217,15 @@ _ST_DTYPES = {
 }
 
 
-def _config_from(raw: bytes) -> Any:
+def _config_from(raw: bytes, serving: bool) -> Any:
+    """transformers' config class for `raw`, or with `serving` the serving forward's config
+    where it serves the checkpoint (core/modeling/llama.py)."""
     try:
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError("config.json is not a JSON object")
+        if serving and (own := llama.serving_config(data)) is not None:
+            return own
         return CONFIG_MAPPING[data["model_type"]].from_dict(data)
     except (ValueError, KeyError, TypeError) as e:
         raise store.CheckpointError(f"unusable config.json: {e}") from e
@@ -221,9 +236,21 @@ def _config_from(raw: bytes) -> Any:
 _TOKENIZERS: dict[tuple[tuple[str, str], ...], PreTrainedTokenizerBase] = {}
 
 
+def _names_its_class(small: dict[str, bytes]) -> bool:
+    """Whether tokenizer_config.json names the tokenizer class (so no model config is needed
+    to pick it)."""
+    try:
+        return bool(json.loads(small.get("tokenizer_config.json", b"{}")).get("tokenizer_class"))
+    except (ValueError, AttributeError):
+        return False
+
+
 def _tokenizer_from(
-    small: dict[str, bytes], expected: dict[str, store.Expected] | None
+    small: dict[str, bytes], expected: dict[str, store.Expected] | None, light: bool = False
 ) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer. With `light` (a serving replica of a model it runs with its
+    own forward), a tokenizer whose config names its class is built without transformers'
+    model config class, whose import costs what core/modeling/llama.py saves."""
     key = (
         tuple(sorted((n, f"{e.algorithm}:{e.digest}") for n, e in expected.items() if n in small))
         if expected is not None
@@ -238,7 +265,8 @@ def _tokenizer_from(
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(raw)
-        tok = AutoTokenizer.from_pretrained(tmp)
+        config = PretrainedConfig() if light and _names_its_class(small) else None
+        tok = AutoTokenizer.from_pretrained(tmp, config=config)
     _ensure_pad(tok)
     if key is not None:
         _TOKENIZERS.clear()
@@ -316,8 +344,17 @@ def _model_from(config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype,
     """Build the model without initialising weights, then adopt `state`'s tensors as its
     parameters (assign, not copy); tied weights are re-tied. A parameter the file does not
     provide is an error, never silently left uninitialised."""
+    if isinstance(config, llama.ServingConfig):
+        served, missing = llama.build(config, state)
+        if missing:
+            raise store.CheckpointError(f"checkpoint {path} lacks weights for {missing[:5]}")
+        return served
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.57
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     with no_init_weights():
-        model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+        model: Any = _auto_model().from_config(config, dtype=dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     if result.unexpected_keys:

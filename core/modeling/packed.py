@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from core.modeling.llama import attend
+
 PACKED_MODEL_TYPES = frozenset({"llama", "qwen2"})
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
@@ -125,14 +127,7 @@ def packed_step(
             assert cached.keys is not None and cached.values is not None
             cached.keys = torch.cat([cached.keys, k[:b, :, None, :]], dim=2)
             cached.values = torch.cat([cached.values, v[:b, :, None, :]], dim=2)
-            o = F.scaled_dot_product_attention(
-                q[:b, :, None, :],
-                cached.keys,
-                cached.values,
-                attn_mask=running_mask,
-                scale=attn.scaling,
-                enable_gqa=True,
-            )
+            o = attend(q[:b, :, None, :], cached.keys, cached.values, running_mask, attn.scaling)
             outs.append(o.reshape(b, -1))
         keys, values = [], []
         for s, n in spans:

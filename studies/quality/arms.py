@@ -66,6 +66,11 @@ ARMS: dict[str, dict[str, Any]] = {
         "diversity_prompts": 256,
         "real_diversity_tolerance": 0.032,
     },
+    # The round defaults with a confirmation probe: the first ε whose noisy reading passes the
+    # gate's probe is biased toward looking diverse (a winner's curse: an independent probe
+    # read more drift each time), so it is measured again on a second, independent probe of
+    # the same size (parent and base too) and promoted only if it passes there as well.
+    "confirm_probe": {"strategy": "difficulty", "diversity_confirm": True},
     "no_replay": {"replay_fraction": 0.0},
     "no_filters": {"filters": False},
     "no_meta_step": {"meta_step": False},
@@ -84,6 +89,7 @@ DEFAULT_ARMS = (
     "kl_anchor",
     "per_round_probe",
     "probe_256",
+    "confirm_probe",
     "no_replay",
     "no_filters",
     "no_meta_step",

@@ -33,6 +33,7 @@ ARM_NOTES = {
     "difficulty": "selflm with difficulty selection: the round defaults since session 10",
     "per_round_probe": "difficulty with the gate's probe drawn afresh from each round's seed",
     "probe_256": "difficulty with a 256-prompt gate probe and its tighter noise floors",
+    "confirm_probe": "difficulty with each passing ε confirmed on a second, independent probe",
 }
 
 
@@ -187,7 +188,8 @@ class ArmSummary:
 def replay_decision(rec: dict[str, Any], margin: float) -> bool | None:
     """The decision the round's recorded metrics imply for a dev-gated round: promote iff the
     gate ppl at the decided ε beats the champion's dev ppl by the margin and diversity held
-    there; None when the metrics needed are not recorded (e.g. the generated gate)."""
+    there (on the confirmation probe too, where ``diversity_confirm`` recorded one); None
+    when the metrics needed are not recorded (e.g. the generated gate)."""
     m = rec.get("round_metrics") or {}
     eps = num(m.get("decide.epsilon"))
     champ = num(m.get("evaluate.champion_dev_ppl"))
@@ -201,7 +203,9 @@ def replay_decision(rec: dict[str, Any], margin: float) -> bool | None:
     improvement = (champ - cand) / champ
     ok = m.get(f"decide.diversity_ok_eps_{eps:g}")
     diversity_ok = True if ok is None else bool(num(ok))
-    return improvement >= margin and diversity_ok
+    confirmed = m.get(f"decide.confirm_ok_eps_{eps:g}")
+    confirm_ok = True if confirmed is None else bool(num(confirmed))
+    return improvement >= margin and diversity_ok and confirm_ok
 
 
 def repetition_band(noise: dict[str, Any] | None, measure: dict[str, Any]) -> float | None:

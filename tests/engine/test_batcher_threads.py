@@ -9,6 +9,7 @@ on one core."""
 from __future__ import annotations
 
 import gc
+import itertools
 import threading
 import time
 import weakref
@@ -138,3 +139,29 @@ def test_after_a_swap_the_old_model_is_freed_while_the_new_batch_keeps_running()
         for p in fed:
             p.row.cancelled = True
         batcher.close()
+
+
+def test_a_long_batch_trims_the_heap_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one batch runs for seconds, its freed heap pages go back every
+    TRIM_INTERVAL_S (steady serving never reaches the end of a batch, where the old code
+    trimmed only after a swap)."""
+    from app.engine import batcher as batcher_module
+
+    calls: list[float] = []
+    monkeypatch.setattr(batcher_module, "TRIM_INTERVAL_S", 0.2)
+    monkeypatch.setattr(batcher_module, "trim", lambda: calls.append(time.monotonic()))
+    v1 = _loaded(1)
+    batcher = Batcher(Settings(redis_url=None), lambda: v1, 4)
+    try:
+        row = Row([1, 2, 3], SamplingParams(400))  # no EOS on this tiny model: 400 steps
+        done: Future[Any] = Future()
+        started = time.monotonic()
+        batcher.queue.put(Pending(row, done, started))
+        done.result(timeout=120)
+        took = time.monotonic() - started
+    finally:
+        batcher.close()
+    assert took > 0.6, took  # long enough for a few intervals
+    assert len(calls) >= 2, calls
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert all(g >= 0.2 for g in gaps), gaps  # at most once an interval

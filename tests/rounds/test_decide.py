@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from core.modeling.loader import tiny_model
-from worker.rounds.decide import DiversityCheck, decide
+from worker.rounds.decide import Decision, DiversityCheck, decide
 from worker.rounds.diversity_gate import SAMPLE_SEED, DiversityCache, Probe, weights_key
 from worker.rounds.textstats import DiversityStats
 
@@ -132,3 +132,106 @@ def test_the_gate_check_carries_its_probes_size() -> None:
         refs = References(parent=BASE, base=BASE)
         div = check_diversity(refs, probe, loaded.model, loaded.tokenizer, (0.05, 0.05))
         assert div.probe_size == n
+
+
+def test_the_confirmation_probe_is_another_draw_and_reproducible() -> None:
+    from worker.rounds.diversity_gate import (
+        CONFIRM_PROMPT_SEED,
+        CONFIRM_SAMPLE_SEED,
+        PROMPT_SEED,
+        probe_seeds,
+    )
+
+    train = [f"Document {i} about the for statement and loops in Python." for i in range(40)]
+    assert probe_seeds(None) == (PROMPT_SEED, SAMPLE_SEED)  # the main probe is unchanged
+    assert probe_seeds(None, confirm=True) == (CONFIRM_PROMPT_SEED, CONFIRM_SAMPLE_SEED)
+    keys = set()
+    for round_seed in (None, 0, 1, 2):  # "fixed", and per_round for three rounds
+        main = Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=round_seed)
+        conf = Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed=round_seed, confirm=True)
+        # The same draw whenever the round is run again...
+        assert conf == Probe.from_train(train, 4, 6, 0.8, 0.95, 4, round_seed, confirm=True)
+        # ...of other prompts with another sampling seed, at the main probe's settings.
+        assert conf.prompts != main.prompts and conf.sample_seed != main.sample_seed
+        assert len(conf.prompts) == len(main.prompts)
+        assert (conf.max_new_tokens, conf.temperature, conf.top_p) == (6, 0.8, 0.95)
+        assert probe_seeds(round_seed) != probe_seeds(round_seed, confirm=True)
+        keys |= {main.key(), conf.key()}
+    assert len(keys) == 8  # no probe is another's under a different name
+
+
+def _walk(
+    scores: dict[float, float],
+    main_fails: set[float],
+    confirm_fails: set[float] | None,
+) -> tuple[Decision, float, dict[str, float], list[tuple[str, float]], float]:
+    """``largest_diverse_step`` on a one-weight "model" whose weight is ε (parent 0, delta 1):
+    the checks read the ε the candidate holds and fail where told. Returns the decision, the
+    ε taken, the recorded metrics, the checks run in order and the weight the model holds."""
+    import torch
+
+    from worker.rounds.diversity_gate import largest_diverse_step
+    from worker.rounds.metastep import MetaStepResult
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    parent = {"weight": torch.zeros(1, 1)}
+    best = min(scores, key=scores.__getitem__)  # the meta-step's ε
+    ms = MetaStepResult(best, scores, delta={"weight": torch.ones(1, 1, dtype=torch.float64)})
+    with torch.no_grad():
+        model.weight.fill_(ms.epsilon)
+    parent_stats, bad = stats(0.75, 0.06), stats(0.60, 0.06)
+    calls: list[tuple[str, float]] = []
+
+    def measured(which: str, fails: set[float]) -> DiversityCheck:
+        eps = float(model.weight.item())
+        calls.append((which, eps))
+        return check(parent_stats, bad if eps in fails else parent_stats)
+
+    recorded: dict[str, float] = {}
+    decision, _, eps = largest_diverse_step(
+        ms,
+        parent,
+        model,
+        20.0,
+        0.005,
+        lambda: measured("main", main_fails),
+        recorded.update,
+        None if confirm_fails is None else lambda: measured("confirm", confirm_fails),
+    )
+    return decision, eps, recorded, calls, float(model.weight.item())
+
+
+def test_an_eps_that_fails_confirmation_is_passed_over_for_the_next() -> None:
+    scores = {0.25: 19.0, 0.5: 18.5, 1.0: 18.0}  # best dev perplexity at ε = 1
+    # Without confirmation ε = 1 passes its probe and is promoted.
+    plain, eps, rec, calls, _ = _walk(scores, set(), None)
+    assert plain.promote and eps == 1.0 and calls == [("main", 1.0)]
+    assert not any("confirm" in k for k in rec) and "confirmation" not in plain.reason
+    # With it, ε = 1 passes its probe but not the confirmation: the walk goes on to ε = 0.5,
+    # which passes both, and leaves the candidate there.
+    d, eps, rec, calls, held = _walk(scores, set(), {1.0})
+    assert d.promote and eps == 0.5 == held, d.reason
+    assert calls == [("main", 1.0), ("confirm", 1.0), ("main", 0.5), ("confirm", 0.5)]
+    assert d.reason.startswith("promoted at ε=0.5 (confirmation failed at ε=1):"), d.reason
+    assert rec["diversity_ok_eps_1"] == 1.0 and rec["confirm_ok_eps_1"] == 0.0
+    assert rec["candidate_distinct_2_confirm_eps_1"] == 0.60
+    assert rec["confirm_ok_eps_0.5"] == 1.0 and rec["candidate_distinct_2_confirm_eps_0.5"] == 0.75
+    assert "candidate_repetition_rate_confirm_eps_0.5" in rec and "confirm_ok_eps_0.25" not in rec
+
+
+def test_confirmation_runs_only_on_a_passing_eps_and_can_reject_them_all() -> None:
+    scores = {0.25: 19.0, 0.5: 18.5, 1.0: 18.0}
+    # ε = 1 fails its own probe (no confirmation run), ε = 0.5 fails confirmation, 0.25 passes.
+    d, eps, rec, calls, _ = _walk(scores, {1.0}, {0.5})
+    assert d.promote and eps == 0.25, d.reason
+    assert calls == [("main", 1.0), ("main", 0.5), ("confirm", 0.5), ("main", 0.25),
+                     ("confirm", 0.25)]  # fmt: skip
+    assert "confirm_ok_eps_1" not in rec
+    assert "(diversity failed at ε=1; confirmation failed at ε=0.5)" in d.reason
+    # Every ε fails confirmation: rejected on the last one's confirmation numbers.
+    d, eps, rec, calls, held = _walk(scores, set(), {0.25, 0.5, 1.0})
+    assert not d.promote and eps == 0.25 == held
+    assert d.reason.startswith(
+        "rejected at ε=0.25 (confirmation failed at ε=1, ε=0.5, ε=0.25): distinct-2 fell"
+    ), d.reason
+    assert [rec[f"confirm_ok_eps_{e:g}"] for e in (1.0, 0.5, 0.25)] == [0.0, 0.0, 0.0]

@@ -208,3 +208,20 @@ def test_report_targets_use_probe_noise_baseline_and_replayed_decisions(tmp_path
     # Without a noise file measured on this probe the repetition target falls back to 5%.
     other = quality_report.summaries_of(data, {**noise, "prompts": 32})["selflm"]
     assert any("no probe-noise file" in name for name, *_ in other.checks)
+
+
+def test_a_replayed_decision_needs_the_confirmation_where_one_was_recorded() -> None:
+    from studies.quality.arms import ARMS, DEFAULT_ARMS, arm_params
+    from studies.quality.summary import ARM_NOTES, replay_decision
+
+    passed = _metrics(20.0, 19.0, 1.0)
+    assert replay_decision(passed, 0.005) is True  # no confirmation recorded: as before
+    for ok, expected in ((1.0, True), (0.0, False)):
+        rec = {"round_metrics": {**passed["round_metrics"], "decide.confirm_ok_eps_0.5": ok}}
+        assert replay_decision(rec, 0.005) is expected
+    # The study's arm for it: the round defaults with the confirmation probe on.
+    assert ARMS["confirm_probe"] == {"strategy": "difficulty", "diversity_confirm": True}
+    assert DEFAULT_ARMS.index("confirm_probe") == DEFAULT_ARMS.index("probe_256") + 1
+    assert "confirm_probe" in ARM_NOTES
+    params = arm_params("confirm_probe", 0, None, False, {}, {})
+    assert params.diversity_confirm is True and params.strategy == "difficulty"

@@ -13,6 +13,12 @@ probe), at the price of measuring the parent and the base again every round. Eit
   the checkpoint's file digests and the probe's settings: the parent's and the base's numbers
   are measured once, not every round.
 
+With ``diversity_confirm`` an ε that passes on the round's probe is measured again on a
+*confirmation probe*: as many prompts, drawn with other seeds (:func:`probe_seeds` with
+``confirm=True``), with the parent and the base measured on it too (cached under its own
+key). The first ε whose noisy reading passes is the one promoted, so the gate's own reading
+of it is biased toward passing (a winner's curse); a second, independent reading is not.
+
 One round per lineage runs at a time (a unique index), so the cache has one writer per file.
 """
 
@@ -30,6 +36,7 @@ from typing import Any
 
 import torch
 
+from core import metric_names as mn
 from core import registry
 from core.db.session import Database
 from core.store import verify_checkpoint
@@ -45,14 +52,20 @@ log = logging.getLogger(__name__)
 
 PROMPT_SEED = 2468  # the fixed probe's prompt draw from the train split
 SAMPLE_SEED = 1357  # the fixed probe's sampling seed
+CONFIRM_PROMPT_SEED = 9753  # the fixed confirmation probe's prompt draw (diversity_confirm)
+CONFIRM_SAMPLE_SEED = 3579  # the fixed confirmation probe's sampling seed
 
 
-def probe_seeds(round_seed: int | None) -> tuple[int, int]:
+def probe_seeds(round_seed: int | None, confirm: bool = False) -> tuple[int, int]:
     """(prompt seed, sampling seed): the fixed probe's for None, else a pair of the round's own
-    (never the fixed pair, so a per-round probe is never the fixed one under another name)."""
+    (never the fixed pair, so a per-round probe is never the fixed one under another name).
+
+    ``confirm`` gives the confirmation probe's pair instead: fixed constants of its own for
+    None, else a pair mixed from the round's seed under another name ("diversity-confirm"),
+    so it is never the main probe's and is the same whenever the round is run again."""
     if round_seed is None:
-        return PROMPT_SEED, SAMPLE_SEED
-    mixed = random.Random(f"diversity-probe:{round_seed}")
+        return (CONFIRM_PROMPT_SEED, CONFIRM_SAMPLE_SEED) if confirm else (PROMPT_SEED, SAMPLE_SEED)
+    mixed = random.Random(f"diversity-{'confirm' if confirm else 'probe'}:{round_seed}")
     return mixed.randrange(2**31), mixed.randrange(2**31)
 
 
@@ -84,9 +97,11 @@ class Probe:
         top_p: float,
         batch_size: int,
         round_seed: int | None = None,
+        confirm: bool = False,
     ) -> Probe:
-        """The fixed probe, or with ``round_seed`` that round's own (:func:`probe_seeds`)."""
-        prompt_seed, sample_seed = probe_seeds(round_seed)
+        """The fixed probe, or with ``round_seed`` that round's own; with ``confirm`` the
+        matching confirmation probe (:func:`probe_seeds`)."""
+        prompt_seed, sample_seed = probe_seeds(round_seed, confirm)
         prompts = prompts_from(train_docs, n_prompts, random.Random(prompt_seed))
         return cls(tuple(prompts), max_new_tokens, temperature, top_p, batch_size, sample_seed)
 
@@ -240,16 +255,21 @@ def largest_diverse_step(
     margin: float,
     check: Callable[[], DiversityCheck],
     record: Callable[[dict[str, float]], None],
+    confirm: Callable[[], DiversityCheck] | None = None,
 ) -> tuple[Decision, DiversityCheck, float]:
     """The largest dev gain whose diversity holds: ε from best dev perplexity down, until one
     passes or the gain falls under the margin. A smaller ε keeps the candidate closer to its
     parent, so a step whose full size loses diversity can still be taken in part.
 
     ``candidate`` holds the meta-step's ε on entry and the returned ε on exit; ``check``
-    measures its diversity as it stands; ``record`` stores each ε's numbers."""
+    measures its diversity as it stands; ``record`` stores each ε's numbers. With
+    ``confirm`` (the confirmation probe's check, same tolerances) an ε that passes ``check``
+    is measured again and taken only if it passes there too; one that fails is passed over
+    as a failed ``check`` is. The returned check is always ``check``'s."""
     assert ms.delta is not None, "meta_step(..., keep_delta=True) is needed"
     current = ms.epsilon
     tried: list[str] = []
+    unconfirmed: list[str] = []
     for eps in ms.ranked():
         if eps != current:
             interpolate_into(candidate, parent_state, ms.delta, eps)
@@ -258,14 +278,30 @@ def largest_diverse_step(
         verdict = decide("dev", parent_dev_ppl, ms.scores[eps], margin, div)
         record(
             {
-                f"diversity_ok_eps_{eps:g}": float(not div.failures()),
-                f"candidate_distinct_2_eps_{eps:g}": div.candidate.distinct_2,
-                f"candidate_repetition_rate_eps_{eps:g}": div.candidate.repetition_rate,
+                mn.diversity_ok_at(eps): float(not div.failures()),
+                mn.candidate_distinct_2_at(eps): div.candidate.distinct_2,
+                mn.candidate_repetition_rate_at(eps): div.candidate.repetition_rate,
             }
         )
+        if verdict.promote and confirm is not None:
+            second = confirm()
+            record(
+                {
+                    mn.confirm_ok_at(eps): float(not second.failures()),
+                    mn.candidate_distinct_2_confirm_at(eps): second.candidate.distinct_2,
+                    mn.candidate_repetition_rate_confirm_at(eps): second.candidate.repetition_rate,
+                }
+            )
+            if second.failures():  # rejected on the confirmation probe's numbers: next ε
+                verdict = decide("dev", parent_dev_ppl, ms.scores[eps], margin, second)
+                unconfirmed.append(f"ε={eps:g}")
+                continue
         if verdict.promote or verdict.improvement < margin:
             break
         tried.append(f"ε={eps:g}")
-    note = f" (diversity failed at {', '.join(tried)})" if tried and verdict.promote else ""
+    notes = [f"diversity failed at {', '.join(tried)}"] if tried and verdict.promote else []
+    if unconfirmed:
+        notes.append(f"confirmation failed at {', '.join(unconfirmed)}")
+    note = f" ({'; '.join(notes)})" if notes else ""
     reason = verdict.reason.replace(":", f" at ε={current:g}{note}:", 1)
     return Decision(verdict.promote, reason, verdict.improvement), div, current

@@ -21,6 +21,7 @@ from worker.rounds.decide import decide as judge
 from worker.rounds.diversity_gate import (
     DiversityCache,
     Probe,
+    References,
     check_diversity,
     largest_diverse_step,
     reference_diversity,
@@ -155,15 +156,25 @@ def _div_metrics(who: mn.Who, d: DiversityStats) -> dict[str, float]:
     }
 
 
+def _ref_metrics(refs: References) -> dict[str, float]:
+    """The parent's (``champion_*``) and the base's numbers."""
+    return _div_metrics("champion", refs.parent) | (
+        _div_metrics("base", refs.base) if refs.base else {}
+    )
+
+
 @dataclass(frozen=True)
 class CandidateScores:
     """The candidate as the decision saw it (ε may differ from the meta-step's), with the
-    diversity of parent, candidate and lineage base: filed under the evaluate stage."""
+    diversity of parent, candidate and lineage base: filed under the evaluate stage.
+    ``confirm`` is the promoted ε's check on the confirmation probe (``diversity_confirm``;
+    its numbers are recorded per ε under the decide stage)."""
 
     valid_ppl: float
     dev_ppl: float
     test_ppl: float
     diversity: DiversityCheck
+    confirm: DiversityCheck | None = None
 
     def metrics(self) -> dict[str, float]:
         div = self.diversity
@@ -238,18 +249,25 @@ def decide(
     tick: Tick,
     record: Callable[[dict[str, float]], None],
     real: DiversityStats | None = None,
+    confirm_probe: Probe | None = None,
 ) -> Verdict:
     """Promote or not. With the dev gate: the largest dev gain whose diversity holds (ε from
     best down); the reference loop compares generated-valid perplexity with no diversity
     gate. ``models`` is (candidate, tokenizer): the parent's probe numbers come from the
     cache, or from the candidate holding the parent's weights for the while; ``record``
     stores per-ε numbers; ``real`` is real held-out text's diversity at the probe's size
-    (:mod:`.realtext`). Progress in probe samples drawn of the most the stage may draw."""
+    (:mod:`.realtext`). With ``confirm_probe`` (``diversity_confirm``) an ε that passes
+    on ``probe`` must pass on it too, against the parent's and base's numbers on it (measured
+    or cached when first needed, recorded as ``*_confirm``) and the same real-text numbers
+    (they depend on the probe's size, not its prompts). Progress in probe samples drawn of
+    the most the stage may draw."""
     candidate, tok = models
     bs, ml = p.batch_size, p.max_length
     ms = judged.ms.result
-    # Parent and base (unless cached), then one candidate probe per ε tried.
-    count = _ProbeCount(len(probe.prompts), 2 + len(ms.scores), tick)
+    # Parent and base (unless cached), then one candidate probe per ε tried; as many again
+    # on the confirmation probe at most.
+    runs = 2 + len(ms.scores)
+    count = _ProbeCount(len(probe.prompts), runs * (2 if confirm_probe else 1), tick)
     refs = reference_diversity(
         db,
         lineage,
@@ -261,17 +279,33 @@ def decide(
         count,
     )
 
-    def check() -> DiversityCheck:
-        count.epsilons_tried += 1
+    def check(on: Probe = probe, against: References = refs) -> DiversityCheck:
+        if on is probe:
+            count.epsilons_tried += 1
         return check_diversity(
-            refs,
-            probe,
+            against,
+            on,
             candidate,
             tok,
             (p.diversity_tolerance, p.base_diversity_tolerance),
             count,
             real=(real, p.real_diversity_tolerance) if real is not None else None,
         )
+
+    confirm_refs: list[References] = []  # the parent's and base's on the confirmation probe
+    confirmed: list[DiversityCheck] = []  # the confirmation probe's checks, in order
+
+    def confirm() -> DiversityCheck:
+        assert confirm_probe is not None
+        if not confirm_refs:  # first needed: the parent's and base's numbers on it
+            parent = (judged.parent_manifest, judged.base_state)
+            refs2 = reference_diversity(
+                db, lineage, cache, confirm_probe, candidate, tok, parent, count
+            )
+            confirm_refs.append(refs2)
+            record({mn.on_confirm(k): v for k, v in _ref_metrics(confirm_refs[0]).items()})
+        confirmed.append(check(confirm_probe, confirm_refs[0]))
+        return confirmed[-1]
 
     if p.gate == "dev":
         verdict, div, eps = largest_diverse_step(
@@ -282,6 +316,7 @@ def decide(
             p.promotion_margin,
             check,
             record,
+            confirm if confirm_probe is not None else None,
         )
         cand_dev = ms.scores[eps]
         cand_valid = perplexity(candidate, tok, sets.valid, bs, ml).ppl
@@ -300,4 +335,6 @@ def decide(
         release(ms.delta)
     # Measured on the weights the decision is about (ε may differ from the meta-step's).
     cand_test = perplexity(candidate, tok, sets.test, bs, ml).ppl
-    return Verdict(verdict, eps, CandidateScores(cand_valid, cand_dev, cand_test, div))
+    # The promoted ε was the last one confirmed (the walk stops at the ε it promotes).
+    second = confirmed[-1] if confirmed and verdict.promote else None
+    return Verdict(verdict, eps, CandidateScores(cand_valid, cand_dev, cand_test, div, second))

@@ -105,6 +105,7 @@ class Round:
 
         with self.stage(mn.DECIDE) as st:
             probe = self._probe(ready)
+            confirm = self._probe(ready, confirm=True) if p.diversity_confirm else None
             verdict = judge.decide(
                 self.db,
                 lineage,
@@ -119,6 +120,7 @@ class Round:
                 real=self._real_text.measure(
                     ready.corpus.dev, tok, len(probe.prompts), p.max_new_tokens
                 ),
+                confirm_probe=confirm,
             )
             st.record(verdict.candidate.metrics(), stage=mn.EVALUATE)
             st.result(verdict)
@@ -126,6 +128,8 @@ class Round:
             if verdict.decision.promote:
                 ref = promote_candidate(settings, self.db, self.id, candidate, tok, champion)
                 self._div_cache.put(ref.manifest, probe, verdict.candidate.diversity.candidate)
+                if confirm is not None and verdict.candidate.confirm is not None:
+                    self._div_cache.put(ref.manifest, confirm, verdict.candidate.confirm.candidate)
                 version = ref.version
 
         decision = "promoted" if verdict.decision.promote else "rejected"
@@ -138,7 +142,9 @@ class Round:
         """The whole round's peak RSS so far (the largest stage peak), as a metric."""
         return {mn.MEMORY: float(max(self.peaks.values()))} if self.peaks else {}
 
-    def _probe(self, ready: stages.Prepared) -> Probe:
+    def _probe(self, ready: stages.Prepared, confirm: bool = False) -> Probe:
+        """The gate's probe, or with ``confirm`` its confirmation probe (same settings, other
+        prompts and sampling seed: :func:`~worker.rounds.diversity_gate.probe_seeds`)."""
         p = self.p
         return Probe.from_train(
             ready.corpus.train,
@@ -148,6 +154,7 @@ class Round:
             p.top_p,
             p.generate_batch_size,
             round_seed=p.seed if p.diversity_probe == "per_round" else None,
+            confirm=confirm,
         )
 
 
