@@ -29,9 +29,11 @@ __all__ = [
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 IDEEP_CACHE_ENV = "LRU_CACHE_CAPACITY"  # PyTorch's mkldnn (ideep) primitive cache
 CACHE_ENVS = (ONEDNN_CACHE_ENV, IDEEP_CACHE_ENV)
-# What `selflm serve` keeps: a decoding step uses ~5 weight shapes at one row count, so 64
-# holds the recent row counts and prefill sizes (docs/benchmarks.md, "Memory").
-SERVE_ONEDNN_CACHE = 64
+# What `selflm serve` keeps: a decoding step uses 6 weight shapes at its row count, used
+# again every step, so 16 keeps them and the last prefills' while a packed step's new row
+# count (every join) evicts the oldest. At 64 a replica under steady load held ~45 MiB more
+# at the same speed (docs/benchmarks.md, "Memory", session 13).
+SERVE_ONEDNN_CACHE = 16
 _SET_HERE: dict[str, str] = {}  # what limit_onednn_cache set in this process
 
 
