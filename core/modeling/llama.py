@@ -290,7 +290,7 @@ class Output:
 
 
 def causal_mask(
-    attention: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device
+    attention: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor:
     """[batch, 1, q_len, kv_len] booleans: causal over the last `q_len` of `kv_len` positions
     and the 2-D padding mask (1 = attend) where given. A query that could see no key (a left
@@ -329,7 +329,7 @@ class LlamaForServing(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
     ) -> Output:
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
@@ -338,7 +338,7 @@ class LlamaForServing(nn.Module):
         inner = self.model
         h = inner.embed_tokens(input_ids)
         rope = inner.rotary_emb(h, position_ids)
-        mask = causal_mask(attention_mask, b, t, past + t, h.device)
+        mask = causal_mask(attention_mask, t, past + t, h.device)
         for layer in inner.layers:
             h = layer(h, rope, mask, cache)
         h = inner.norm(h)
